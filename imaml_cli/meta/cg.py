@@ -1,0 +1,46 @@
+"""Conjugate gradient with a fixed number of steps, written to run per task under vmap."""
+
+from typing import Callable
+
+import torch
+
+from imaml_cli.meta import tree
+from imaml_cli.meta.tree import Params
+
+
+def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int,
+                       stop_at_negative_curvature: bool = False) -> tuple[Params, torch.Tensor]:
+    """Approximately solve A x = b from x = 0 with ``steps`` CG iterations; returns (x, ‖b − A x‖).
+
+    The step count is fixed so that every task of a batch runs the same operations; a task that has
+    converged keeps taking zero steps (safe division turns 0/0 into 0).
+
+    With ``stop_at_negative_curvature`` (truncated Newton, Nocedal & Wright Alg. 7.1), a direction
+    p with pᵀAp ≤ 0 ends the solve: the iterate so far is kept, or b itself (steepest descent) when
+    that happens on the first iteration. A Newton system away from a minimum can be indefinite and
+    plain CG would then step towards a maximum.
+    """
+    x = tree.zeros_like(b)
+    r, p = b, b
+    rr = tree.dot(r, r)
+    active = torch.ones_like(rr, dtype=torch.bool)
+    for i in range(steps):
+        ap = matvec(p)
+        curvature = tree.dot(p, ap)
+        if stop_at_negative_curvature:
+            negative = curvature <= 0
+            if i == 0:
+                x = tree.where(negative, b, x)
+            active = active & ~negative
+            step_ok = active.to(rr.dtype)
+        else:
+            step_ok = torch.ones_like(rr)
+        alpha = tree.safe_divide(rr, curvature) * step_ok
+        x = tree.add(x, p, alpha)
+        r = tree.add(r, ap, -alpha)
+        rr_next = tree.dot(r, r)
+        p = tree.add(r, p, tree.safe_divide(rr_next, rr))
+        rr = rr_next
+    # The recursive residual drifts from the true one only by rounding; an extra matvec to
+    # recompute it would cost as much as a CG step.
+    return x, rr.sqrt()

@@ -1,0 +1,44 @@
+"""Per-task losses of a network called functionally: the objective every algorithm optimises."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from imaml_cli.meta.tree import Params
+
+KINDS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    """A network and the kind of task it solves; ``loss`` and ``metrics`` act on one task's data."""
+
+    network: nn.Module
+    kind: str
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown task kind {self.kind!r}; expected one of {KINDS}")
+
+    def parameters(self) -> Params:
+        return {name: p.detach() for name, p in self.network.named_parameters()}
+
+    def outputs(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.network, params, (x,))
+
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._loss(self.outputs(params, x), y)
+
+    def loss_and_accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor):
+        """(loss, accuracy); accuracy is None for regression."""
+        out = self.outputs(params, x)
+        accuracy = (out.argmax(-1) == y).to(out.dtype).mean() if self.kind == "classification" else None
+        return self._loss(out, y), accuracy
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "classification":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, y)
