@@ -134,5 +134,6 @@ class MetaLearner:
         """fn over the leading (task) dimension of its arguments: vmap, or a loop and a stack."""
         if self.vectorize:
             return vmap(fn)(*per_task_args)
-        results = [fn(*args) for args in zip(*per_task_args)]
+        tasks = len(torch.utils._pytree.tree_leaves(per_task_args)[0])
+        results = [fn(*torch.utils._pytree.tree_map(lambda a: a[t], per_task_args)) for t in range(tasks)]
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *results)

@@ -41,4 +41,6 @@ class TaskModel:
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classification":
             return F.cross_entropy(out, y)
-        return F.mse_loss(out, y)
+        # Not F.mse_loss: its backward breaks forward-mode AD (jvp of grad raises "ZeroTensors are
+        # immutable" in torch 2.14), which Hessian-vector products need.
+        return (out - y).square().mean()
