@@ -38,7 +38,8 @@ def _members(archive: str, images: int = 20):
         for c in range(1, count + 1):
             for i in range(1, images + 1):
                 seed += 1
-                yield f"images_{archive}/{alphabet}/character{c:02d}/{seed:04d}_{i:02d}.png", _png(seed)
+                name = f"images_{archive}/{alphabet}/character{c:02d}/{seed:04d}_{i:02d}.png"
+                yield name, _png(seed)
 
 
 def make_zips(root: Path, images: int = 20) -> Path:
@@ -201,10 +202,14 @@ def test_corrupt_zip_is_named(tmp_path):
 
 
 def test_unreadable_image_is_named(tmp_path):
-    root = make_zips(tmp_path / "data")
-    with zipfile.ZipFile(root / "images_background.zip", "a") as zf:
-        zf.writestr("images_background/Zeta/character01/0001_01.png", b"\x89PNG garbage")
-    with pytest.raises(UserError, match=r"cannot decode the image .*Zeta/character01/0001_01\.png"):
+    root = tmp_path / "data"
+    make_zips(root)
+    members = list(_members("background"))
+    with zipfile.ZipFile(root / "images_background.zip", "w") as zf:
+        for i, (name, data) in enumerate(members):
+            zf.writestr(name, b"\x89PNG garbage" if i == 25 else data)
+    with pytest.raises(UserError, match=r"cannot decode the image .*images_background\.zip:"
+                                        + members[25][0]):
         load_tiny(root, tmp_path / "cache")
 
 
@@ -294,3 +299,11 @@ def test_real_omniglot(tmp_path):
 def test_no_temporary_files_are_left_in_the_cache_dir(tmp_path):
     load_tiny(make_zips(tmp_path / "data"), tmp_path / "cache")
     assert all(p.suffix == ".pt" for p in (tmp_path / "cache").iterdir())
+
+
+def test_unwritable_cache_dir_warns_and_still_loads(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="could not write the dataset cache"):
+        images = load_tiny(make_zips(tmp_path / "data"), blocker)
+    assert images.shape[0] == 12

@@ -1,0 +1,1 @@
+"""Hydra configs, installed as this package so the console scripts find them from any folder."""

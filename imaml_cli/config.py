@@ -1,0 +1,148 @@
+"""Validation of a composed config: every key, its type and its range, before any work starts.
+
+Hydra's struct mode already refuses overrides of keys that do not exist; this catches the rest
+(``+key=value`` additions, wrong types, values out of range, combinations that cannot work) and
+reports each as one line that names the key and what it accepts.
+"""
+
+import math
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from imaml_cli.errors import UserError
+
+DATASETS = ("omniglot", "miniimagenet", "sinusoid")
+MODELS = {"omniglot_conv": "omniglot", "miniimagenet_conv": "miniimagenet", "sinusoid_mlp": "sinusoid"}
+ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
+
+
+def _int(minimum: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+            f"an integer >= {minimum}")
+
+
+def _number(minimum: float, inclusive: bool) -> tuple[Callable[[Any], bool], str]:
+    def check(v):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v >= minimum if inclusive else v > minimum))
+    return check, f"a number {'>=' if inclusive else '>'} {minimum}"
+
+
+def _choice(*options) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(map(str, options))
+
+
+def _bool() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def _optional_str() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or (isinstance(v, str) and v != "")), "a path or null"
+
+
+def _str() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, str) and v != ""), "a non-empty string"
+
+
+SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "device": _choice("auto", "cpu", "cuda"),
+    "dataset.name": _choice(*DATASETS),
+    "dataset.root": _optional_str(),
+    "dataset.ways": _int(1),
+    "dataset.shots": _int(1),
+    "dataset.queries": _int(1),
+    "dataset.download": _bool(),
+    "dataset.rotations": _bool(),
+    "dataset.cache_dir": _optional_str(),
+    "model.name": _choice(*MODELS),
+    "model.activation": _choice("relu", "softplus", "tanh"),
+    "algorithm.name": _choice(*ALGORITHMS),
+    "algorithm.lam": _number(0, inclusive=False),
+    "inner_solver.name": _choice("gd", "hf"),
+    "inner_solver.steps": _int(1),
+    "inner_solver.lr": _number(0, inclusive=False),
+    "inner_solver.cg_steps": _int(1),
+    "cg.steps": _int(1),
+    "cg.damping": _number(0, inclusive=True),
+    "outer_optimizer.name": _choice("adam", "sgd"),
+    "outer_optimizer.lr": _number(0, inclusive=False),
+    "outer_optimizer.weight_decay": _number(0, inclusive=True),
+    "outer_optimizer.momentum": _number(0, inclusive=True),
+    "train.meta_steps": _int(1),
+    "train.meta_batch_size": _int(1),
+    "train.seed": _int(0),
+    "train.val_every": _int(0),
+    "train.val_episodes": _int(1),
+    "train.checkpoint_every": _int(1),
+    "train.log_every": _int(1),
+    "train.resume": _optional_str(),
+    "train.max_bad_steps": _int(1),
+    "train.progress": _bool(),
+    "eval.episodes": _int(1),
+    "eval.split": _choice("train", "val", "test"),
+    "eval.seed": _int(0),
+    "eval.batch_size": _int(1),
+    "perf.vectorize": _bool(),
+    "perf.hvp": _choice("forward_over_reverse", "reverse_over_reverse"),
+}
+
+# Keys that only one entry point has.
+EXTRA_KEYS = {"checkpoint": _str()}
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The config as plain, resolved Python values, without Hydra's own node."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as error:  # an interpolation that cannot resolve, e.g. a missing env var
+        raise UserError(f"config cannot be resolved: {error}".splitlines()[0]) from None
+    plain.pop("hydra", None)
+    return plain
+
+
+def validate(cfg: DictConfig, extra_keys: tuple[str, ...] = ()) -> dict:
+    """Check every key of ``cfg``; return it as a plain dict. Raises UserError on the first problem."""
+    plain = to_container(cfg)
+    flat = _flatten(plain)
+    schema = dict(SCHEMA)
+    schema.update({k: EXTRA_KEYS[k] for k in extra_keys})
+    for key in flat:
+        if key not in schema:
+            raise UserError(f"unknown config key '{key}'; the README's configuration table lists every key")
+    for key, (check, accepted) in schema.items():
+        if key not in flat:
+            raise UserError(f"config key '{key}' is missing; set {key}=... ({accepted})")
+        if not check(flat[key]):
+            raise UserError(f"{key}={flat[key]!r} is invalid: expected {accepted}")
+    _check_combinations(flat)
+    return plain
+
+
+def _check_combinations(c: dict[str, Any]) -> None:
+    dataset, model = c["dataset.name"], c["model.name"]
+    if MODELS[model] != dataset:
+        suggestion = next(m for m, d in MODELS.items() if d == dataset)
+        raise UserError(f"model={model} is built for {MODELS[model]} inputs but dataset={dataset}; "
+                        f"use model={suggestion} or an experiment preset")
+    if dataset != "sinusoid" and c["dataset.ways"] < 2:
+        raise UserError(f"dataset.ways={c['dataset.ways']} is invalid: classification needs at least 2 ways")
+    if dataset != "sinusoid" and c["dataset.root"] is None:
+        raise UserError(f"dataset.root is null; set dataset.root=PATH to the {dataset} folder")
+    if c["algorithm.name"] != "imaml" and c["inner_solver.name"] != "gd":
+        raise UserError(f"algorithm={c['algorithm.name']} adapts by gradient descent; "
+                        "use inner_solver=gd (hf is for imaml)")
+    if c["dataset.download"] and dataset == "miniimagenet":
+        raise UserError("dataset.download=true is not possible for miniimagenet (no official download); "
+                        "set dataset.download=false and put the data under dataset.root")

@@ -1,0 +1,62 @@
+"""Checkpoints: plain dicts of tensors, numbers, strings, lists and dicts, written atomically.
+
+They load with ``torch.load(path, weights_only=True)`` and nothing else: no code runs from a file,
+and no safe globals need registering. A write goes to a temporary file in the same folder, is
+fsynced, then renamed over the old file, so a crash or a full disk leaves the previous checkpoint
+whole.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from imaml_cli.errors import UserError
+
+FORMAT = "imaml-checkpoint-v1"
+REQUIRED = ("format", "step", "params", "optimizer", "rng", "config")
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise UserError(f"could not write checkpoint {path}: {error.strerror or error}; "
+                            f"the previous checkpoint there is unchanged; free space or fix the folder") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; anything else is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file in a run's checkpoints/ folder")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a readable imaml checkpoint ({reason[:200]}); "
+                        "pass a checkpoints/last.pt or best.pt written by imaml-train") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):
+        raise UserError(f"{path} is not an imaml checkpoint (no '{FORMAT}' record); "
+                        "pass a checkpoints/last.pt or best.pt written by imaml-train")
+    return state

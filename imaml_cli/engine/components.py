@@ -1,0 +1,56 @@
+"""The pieces of a run, built from a validated config: device, network, learner, optimizer, data."""
+
+import torch
+
+from imaml_cli.data import make_episode_source
+from imaml_cli.errors import UserError
+from imaml_cli.meta.algorithms import MetaLearner
+from imaml_cli.meta.inner import GradientDescent, NewtonCG
+from imaml_cli.meta.task import TaskModel
+from imaml_cli.models import build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def task_kind(config: dict) -> str:
+    return "regression" if config["dataset"]["name"] == "sinusoid" else "classification"
+
+
+def build_network(config: dict, device: torch.device) -> torch.nn.Module:
+    """The network with its initial parameters, drawn from ``train.seed``."""
+    outputs = 1 if task_kind(config) == "regression" else config["dataset"]["ways"]
+    torch.manual_seed(config["train"]["seed"])
+    return build_model(config["model"]["name"], outputs, config["model"]["activation"]).to(device)
+
+
+def build_learner(config: dict, network: torch.nn.Module) -> MetaLearner:
+    inner_cfg = config["inner_solver"]
+    hvp = config["perf"]["hvp"]
+    if inner_cfg["name"] == "gd":
+        inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"])
+    else:
+        inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp)
+    return MetaLearner(TaskModel(network, task_kind(config)), config["algorithm"]["name"], inner,
+                       lam=config["algorithm"]["lam"], cg_steps=config["cg"]["steps"],
+                       cg_damping=config["cg"]["damping"], hvp_mode=hvp,
+                       vectorize=config["perf"]["vectorize"])
+
+
+def build_optimizer(config: dict, parameters) -> torch.optim.Optimizer:
+    opt = config["outer_optimizer"]
+    if opt["name"] == "adam":
+        return torch.optim.Adam(parameters, lr=opt["lr"], weight_decay=opt["weight_decay"])
+    return torch.optim.SGD(parameters, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+
+
+def build_source(config: dict, split: str, device: torch.device):
+    data = config["dataset"]
+    return make_episode_source(data["name"], split, root=data["root"], ways=data["ways"], shots=data["shots"],
+                               queries=data["queries"], device=device, download=data["download"],
+                               cache_dir=data["cache_dir"], rotations=data["rotations"])

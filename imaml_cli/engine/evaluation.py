@@ -1,0 +1,56 @@
+"""Meta-test: adapt to fixed episodes and report the mean with a 95% confidence interval."""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from imaml_cli.data import fixed_episodes
+from imaml_cli.meta.algorithms import MetaLearner
+from imaml_cli.meta.tree import Params
+
+
+@dataclass
+class EvalResult:
+    metric: str              # "accuracy" (classification, in %) or "mse" (regression)
+    mean: float
+    ci95: float              # half-width: 1.96 standard errors
+    episodes: int
+    split: str
+    ways: int
+    shots: int
+    per_episode: list[float]
+
+    def line(self) -> str:
+        if self.metric == "accuracy":
+            return (f"{self.split} accuracy {self.mean:.2f}% ± {self.ci95:.2f} (95% CI, {self.episodes} episodes, "
+                    f"{self.ways}-way {self.shots}-shot)")
+        return f"{self.split} MSE {self.mean:.4f} ± {self.ci95:.4f} (95% CI, {self.episodes} episodes, {self.shots}-shot)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed: int, batch_size: int,
+             split: str, shard: tuple[int, int] = (0, 1), gather=None) -> EvalResult:
+    """Adapt θ to ``episodes`` fixed episodes of ``source`` (the same ones for the same seed).
+
+    ``shard=(rank, world)`` keeps every world-th batch for this rank; ``gather`` combines the
+    per-rank lists of scores in episode order, so several processes report what one would.
+    """
+    classification = source.kind == "classification"
+    rank, world = shard
+    scores = []
+    for index, batch in enumerate(fixed_episodes(source, episodes, seed, batch_size)):
+        if index % world != rank:
+            continue
+        _, metrics = learner.adapt(theta, batch)
+        per_task = metrics["post_query_accuracy"] * 100.0 if classification else metrics["post_query_loss"]
+        scores.append(per_task.double().cpu())
+    if gather is not None:
+        scores = gather(scores)
+    values = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+    std = values.std().item() if len(values) > 1 else 0.0
+    return EvalResult("accuracy" if classification else "mse", values.mean().item(),
+                      1.96 * std / math.sqrt(max(len(values), 1)), len(values), split,
+                      getattr(source, "ways", 1), source.shots, values.tolist())

@@ -1,0 +1,54 @@
+"""imaml-eval's work: the stored config of a checkpoint, the user's overrides on top, one evaluation."""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from imaml_cli.config import validate
+from imaml_cli.engine import components
+from imaml_cli.engine.checkpoint import load_checkpoint
+from imaml_cli.engine.evaluation import evaluate
+from imaml_cli.engine.logging import write_json
+from imaml_cli.engine.loop import _load_params
+from imaml_cli.errors import UserError
+
+GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimizer")
+
+
+def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
+    """Copy into the stored config each value the command line set (Hydra has already parsed and
+    type-converted them in ``composed``); a group choice such as inner_solver=hf copies the group."""
+    merged = stored.copy()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "checkpoint" or key.startswith("hydra"):
+            continue
+        if key == "experiment":
+            raise UserError("experiment=... cannot change at evaluation; override single keys instead "
+                            "(e.g. inner_solver.steps=20 eval.episodes=1000)")
+        if key not in GROUPS and OmegaConf.select(stored, key, default="<absent>") == "<absent>":
+            raise UserError(f"unknown config key '{key}'; the README's configuration table lists every key")
+        OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
+    return merged
+
+
+def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) -> float:
+    """Print the one-line result and write ``eval.json`` into ``run_dir``; returns the mean."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise UserError("no checkpoint given; run imaml-eval checkpoint=PATH/checkpoints/best.pt")
+    path = Path(cfg.checkpoint)
+    state = load_checkpoint(path)
+    config = validate(apply_overrides(OmegaConf.create(state["config"]), cfg, overrides))
+    device = components.resolve_device(config["device"])
+    network = components.build_network(config, device)
+    _load_params(network, state, path)
+    learner = components.build_learner(config, network)
+    ecfg = config["eval"]
+    source = components.build_source(config, ecfg["split"], device)
+    result = evaluate(learner, dict(network.named_parameters()), source, episodes=ecfg["episodes"],
+                      seed=ecfg["seed"], batch_size=ecfg["batch_size"], split=ecfg["split"])
+    print(result.line())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "eval.json", {**result.to_dict(), "checkpoint": str(path.resolve()),
+                                       "meta_step": state["step"], "overrides": overrides})
+    return result.mean

@@ -1,0 +1,278 @@
+"""Meta-training: episodes -> meta-gradient -> outer step, with validation, checkpoints and logs.
+
+``train(cfg, run_dir)`` is the whole run as a plain function; the Hydra entry point only calls it.
+Resuming is automatic: a run directory that holds ``checkpoints/last.pt`` continues from it.
+"""
+
+import logging
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from imaml_cli.config import validate
+from imaml_cli.engine import components
+from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from imaml_cli.engine.distributed import Distributed
+from imaml_cli.engine.evaluation import EvalResult, evaluate
+from imaml_cli.engine.logging import TensorBoard, flat_hparams, mean_metrics, write_json
+from imaml_cli.errors import UserError
+
+log = logging.getLogger("imaml")
+
+# Keys a resumed run may change without breaking exact continuation.
+RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
+                     "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.split", "eval.batch_size")
+# Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
+SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run saved a checkpoint and stops with exit status 128 + signum."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def _get(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def check_compatible(stored: dict, current: dict, keys, path: Path, advice: str) -> None:
+    for key in keys:
+        if _get(stored, key) != _get(current, key):
+            raise UserError(f"checkpoint {path} was trained with {key}={_get(stored, key)!r} but this run has "
+                            f"{key}={_get(current, key)!r}; {advice}")
+
+
+def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM set a flag that the loop checks after each meta-step; a second one aborts."""
+    received = []
+
+    def handler(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"sampler": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["sampler"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    """Meta-train as ``cfg`` says, writing into ``run_dir``; returns the best validation score.
+
+    The score is the validation accuracy in % (classification) or MSE (regression), or the test
+    one when validation is off.
+    """
+    config = validate(cfg)
+    device = components.resolve_device(config["device"])
+    run_dir = Path(run_dir)
+    last_path = run_dir / "checkpoints" / "last.pt"
+    best_path = run_dir / "checkpoints" / "best.pt"
+    results_path = run_dir / "results.json"
+    tcfg = config["train"]
+
+    resumed = None
+    if last_path.exists():
+        resumed = load_checkpoint(last_path)
+        stored = OmegaConf.to_container(OmegaConf.create(resumed["config"]))
+        changed = [k for k in _differing_keys(stored, config) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise UserError(f"run directory {run_dir} holds a run with other settings ({', '.join(changed[:4])}); "
+                            "repeat its command to resume it, or choose a new hydra.run.dir")
+        if resumed["step"] >= tcfg["meta_steps"] and results_path.exists():
+            import json
+
+            result = json.loads(results_path.read_text())
+            print(f"run already finished at meta-step {resumed['step']}: "
+                  f"{EvalResult(**result['test']).line()}")
+            return result["score"]
+    elif tcfg["resume"]:
+        resumed = load_checkpoint(Path(tcfg["resume"]))
+        stored = OmegaConf.to_container(OmegaConf.create(resumed["config"]))
+        check_compatible(stored, config, SHAPE_KEYS, Path(tcfg["resume"]),
+                         "resume only with the same dataset, ways and model")
+
+    world = Distributed.start(device)
+    network = components.build_network(config, device)
+    learner = components.build_learner(config, network)
+    params = dict(network.named_parameters())
+    optimizer = components.build_optimizer(config, params.values())
+    generator = torch.Generator().manual_seed(tcfg["seed"])
+    train_source = components.build_source(config, "train", device)
+    val_source = components.build_source(config, "val", device) if tcfg["val_every"] else None
+
+    step, best, best_step, bad_steps, skipped, elapsed = 0, None, None, 0, 0, 0.0
+    if resumed is not None:
+        _load_params(network, resumed, tcfg["resume"] or last_path)
+        optimizer.load_state_dict(resumed["optimizer"])
+        restore_rng(resumed["rng"], generator)
+        step, best, best_step = resumed["step"], resumed.get("best_score"), resumed.get("best_step")
+        skipped, elapsed = resumed.get("skipped_steps", 0), resumed.get("elapsed", 0.0)
+        if world.is_main:
+            log.info("resuming from %s at meta-step %d", tcfg["resume"] or last_path, step)
+
+    higher_is_better = components.task_kind(config) == "classification"
+
+    def state() -> dict:
+        return {"step": step, "params": {k: v.detach().cpu() for k, v in params.items()},
+                "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+                "config": OmegaConf.to_yaml(OmegaConf.create(config)), "best_score": best,
+                "best_step": best_step, "skipped_steps": skipped, "elapsed": elapsed}
+
+    def checkpoint(path: Path) -> None:
+        if world.is_main:
+            save_checkpoint(state(), path)
+
+    tb = TensorBoard(run_dir, step) if world.is_main else None
+    progress = _progress_bar(tcfg, step, enabled=world.is_main)
+    try:
+        with stop_on_signals() as signals, logging_redirect_tqdm():
+            while step < tcfg["meta_steps"]:
+                started = time.perf_counter()
+                batch, local, total = world.shard(train_source.sample(tcfg["meta_batch_size"], generator))
+                grads, metrics = learner.meta_gradient(params, batch)
+                grads = world.average(grads, local, total)
+                summary = world.average({k: v.float().mean() for k, v in metrics.items()}, local, total)
+                grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+                finite = torch.isfinite(grad_norm) and all(torch.isfinite(v) for v in summary.values())
+                if finite:
+                    for name, p in params.items():
+                        p.grad = grads[name].to(p.dtype)
+                    optimizer.step()
+                    bad_steps = 0
+                else:
+                    bad_steps, skipped = bad_steps + 1, skipped + 1
+                    if world.is_main:
+                        log.warning("meta-step %d: non-finite loss or meta-gradient; step skipped (%d in a row)",
+                                    step + 1, bad_steps)
+                step += 1
+                seconds = time.perf_counter() - started
+                elapsed += seconds
+                if world.is_main:
+                    summary = {k: v.item() for k, v in summary.items()}
+                    progress.update(1)
+                    progress.set_postfix(_postfix(summary, best), refresh=False)
+                    if step % tcfg["log_every"] == 0 or step == tcfg["meta_steps"]:
+                        tb.scalars("train", {**summary, "meta_grad_norm": grad_norm.item(),
+                                             "seconds_per_step": seconds, "skipped_steps": skipped}, step)
+                if bad_steps >= tcfg["max_bad_steps"]:
+                    checkpoint(last_path)
+                    raise UserError(f"{bad_steps} meta-steps in a row had a non-finite loss or meta-gradient "
+                                    f"(at meta-step {step}); the last good state is in {last_path}; "
+                                    "lower outer_optimizer.lr or inner_solver.lr")
+                if val_source is not None and step % tcfg["val_every"] == 0:
+                    result = evaluate(learner, params, val_source, episodes=tcfg["val_episodes"],
+                                      seed=config["eval"]["seed"], batch_size=config["eval"]["batch_size"],
+                                      split="val", shard=(world.rank, world.world), gather=world.gather_lists)
+                    improved = best is None or (result.mean > best if higher_is_better else result.mean < best)
+                    if improved:
+                        best, best_step = result.mean, step
+                    if world.is_main:
+                        tb.scalars("val", {result.metric: result.mean, f"{result.metric}_ci95": result.ci95}, step)
+                        progress.set_postfix(_postfix(summary, best), refresh=False)
+                        log.info("meta-step %d: %s", step, result.line())
+                        if improved:
+                            checkpoint(best_path)
+                if step % tcfg["checkpoint_every"] == 0:
+                    checkpoint(last_path)
+                if signals:
+                    checkpoint(last_path)
+                    raise Interrupted(signals[0], f"{signal.Signals(signals[0]).name} at meta-step {step}: "
+                                      f"checkpoint saved to {last_path}; run the same command again to resume")
+            checkpoint(last_path)
+    finally:
+        progress.close()
+    return _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
+                   best_path, results_path, device)
+
+
+def _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
+            best_path, results_path, device) -> float:
+    """Test the best checkpoint (the last state when no validation ran) and write results.json."""
+    used = "last"
+    if best_path.exists():
+        _load_params(network, load_checkpoint(best_path), best_path)
+        used = "best"
+    ecfg = config["eval"]
+    source = components.build_source(config, ecfg["split"], device)
+    result = evaluate(learner, params, source, episodes=ecfg["episodes"], seed=ecfg["seed"],
+                      batch_size=ecfg["batch_size"], split=ecfg["split"], shard=(world.rank, world.world),
+                      gather=world.gather_lists)
+    score = best if best is not None else result.mean
+    if world.is_main:
+        print(result.line())
+        log.info("%s (checkpoint: %s)", result.line(), used)
+        write_json(results_path, {"test": result.to_dict(), "score": score, "best_val": best,
+                                  "best_step": best_step, "meta_steps": step, "checkpoint": used,
+                                  "wall_clock_s": elapsed, "skipped_steps": skipped})
+        tb.hparams(flat_hparams(config), {f"hparam/{result.split}_{result.metric}": result.mean,
+                                          **({"hparam/val_best": best} if best is not None else {})})
+        tb.close()
+    world.barrier()
+    return score
+
+
+def _load_params(network: torch.nn.Module, state: dict, path) -> None:
+    params = dict(network.named_parameters())
+    stored = state["params"]
+    if set(stored) != set(params) or any(stored[k].shape != params[k].shape for k in params):
+        raise UserError(f"checkpoint {path} holds parameters of another network shape; "
+                        "use it with the dataset.ways and model it was trained with")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(stored[k])
+
+
+def _progress_bar(tcfg: dict, step: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=tcfg["meta_steps"], initial=step, desc="meta-train", unit="step", dynamic_ncols=True,
+                disable=not (enabled and tcfg["progress"]), mininterval=1.0)
+
+
+def _postfix(summary: dict, best) -> dict:
+    out = {"loss": f"{summary.get('post_query_loss', math.nan):.3f}"}
+    if "post_query_accuracy" in summary:
+        out["acc"] = f"{100 * summary['post_query_accuracy']:.1f}"
+    if best is not None:
+        out["val"] = f"{best:.2f}" if "post_query_accuracy" in summary else f"{best:.4f}"
+    return out

@@ -1,0 +1,22 @@
+"""imaml-eval checkpoint=PATH: evaluate a checkpoint with its stored config and any overrides."""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from imaml_cli.errors import exit_on_user_error
+
+
+@hydra.main(version_base="1.3", config_path="pkg://imaml_cli.conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    with exit_on_user_error():
+        from imaml_cli.engine.evaluation_run import evaluate_checkpoint
+
+        return evaluate_checkpoint(cfg, list(HydraConfig.get().overrides.task),
+                                   Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

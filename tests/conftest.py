@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+REAL_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+
+
+def compose(overrides=(), config_name="train"):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module("imaml_cli.conf", version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+# A quick sinusoid run: every algorithm and solver runs in seconds on it.
+QUICK = ["experiment=sinusoid", "train.meta_steps=4", "train.meta_batch_size=3", "train.val_every=2",
+         "train.val_episodes=6", "train.checkpoint_every=2", "train.progress=false", "inner_solver.steps=2",
+         "cg.steps=2", "eval.episodes=8", "eval.batch_size=4"]
+
+
+def run_cli(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
+    """An installed console script in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([str(BIN / script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("IMAML_CACHE_DIR", str(path))
+    return path
