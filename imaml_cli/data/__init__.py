@@ -1,0 +1,53 @@
+"""Datasets read once into uint8 tensors, and episodes sampled from them a meta-batch at a time."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from imaml_cli.data.cache import default_cache_dir
+from imaml_cli.data.episodes import ClassificationEpisodes, TaskBatch, fixed_episodes
+from imaml_cli.data.sinusoid import SinusoidTasks
+from imaml_cli.errors import UserError
+
+DATASETS = ("omniglot", "miniimagenet", "sinusoid")
+SPLITS = ("train", "val", "test")
+DEFAULT_IMAGE_SIZE = {"omniglot": 28, "miniimagenet": 84}
+
+__all__ = ["ClassificationEpisodes", "SinusoidTasks", "TaskBatch", "default_cache_dir",
+           "fixed_episodes", "make_episode_source"]
+
+
+def make_episode_source(name: str, split: str, *, root: str | os.PathLike | None, ways: int,
+                        shots: int, queries: int, device: torch.device | str,
+                        download: bool = False, cache_dir: str | os.PathLike | None = None,
+                        rotations: bool = True, image_size: int | None = None,
+                        ) -> ClassificationEpisodes | SinusoidTasks:
+    """The episode source for ``dataset.name`` and ``split``, with image data on ``device``.
+
+    The sinusoid ignores ``root`` and ``ways`` and has the same task distribution in every split
+    (evaluation draws other tasks through its own seed). ``download`` and ``rotations`` only
+    apply to Omniglot; ``image_size`` defaults to ``DEFAULT_IMAGE_SIZE``.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset.name {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if name == "sinusoid":
+        return SinusoidTasks(shots, queries, device=device)
+    if root is None:
+        raise UserError(f"dataset.root is not set; point it at the folder holding the {name} data")
+    size = DEFAULT_IMAGE_SIZE[name] if image_size is None else image_size
+    # Imported on demand: the loaders pull in PIL and numpy.
+    if name == "omniglot":
+        from imaml_cli.data import omniglot as module
+
+        images = module.load_omniglot(root, split, rotations=rotations, image_size=size,
+                                      cache_dir=cache_dir, download=download)
+    else:
+        from imaml_cli.data import miniimagenet as module
+
+        images = module.load_miniimagenet(root, split, image_size=size, cache_dir=cache_dir)
+    return ClassificationEpisodes(images, ways, shots, queries, mean=module.MEAN, std=module.STD,
+                                  device=device, name=f"the {name} {split!r} split")

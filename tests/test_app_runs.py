@@ -1,0 +1,213 @@
+"""Whole runs: every algorithm end to end, resume, imaml-eval, sweeps, the installed scripts."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICK, REPO, compose, run_cli
+from imaml_cli.engine.checkpoint import load_checkpoint
+from imaml_cli.engine.loop import train
+from imaml_cli.errors import UserError
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm=imaml"], ["algorithm=imaml", "inner_solver=hf"], ["algorithm=maml"], ["algorithm=fomaml"],
+    ["algorithm=reptile", "outer_optimizer=sgd"]], ids=lambda o: "-".join(v.split("=")[1] for v in o))
+def test_each_algorithm_and_solver_trains_end_to_end(tmp_path, overrides):
+    score = train(compose(QUICK + overrides), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta_steps"] == 4 and results["checkpoint"] == "best"
+    assert results["test"]["episodes"] == 8 and len(results["test"]["per_episode"]) == 8
+    assert score == results["best_val"] and score > 0
+    state = final_state(tmp_path)
+    assert state["step"] == 4
+    # The outer optimizer moved the parameters away from their initialisation.
+    initial = dict(__import__("imaml_cli.engine.components", fromlist=["x"]).build_network(
+        __import__("imaml_cli.config", fromlist=["x"]).validate(compose(QUICK + overrides)),
+        torch.device("cpu")).named_parameters())
+    assert any(not torch.equal(state["params"][k], initial[k].detach()) for k in initial)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_omniglot_run_on_generated_images(tmp_path, cache_dir):
+    from test_data_omniglot import make_omniglot_root
+
+    root = make_omniglot_root(tmp_path / "omniglot")
+    overrides = ["experiment=omniglot_5w1s", f"dataset.root={root}", "dataset.download=false",
+                 "train.meta_steps=2", "train.meta_batch_size=2", "train.val_every=1", "train.val_episodes=2",
+                 "inner_solver.steps=2", "cg.steps=2", "eval.episodes=4", "train.progress=false",
+                 "dataset.queries=2"]
+    train(compose(overrides), tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test"]["metric"] == "accuracy" and results["test"]["ways"] == 5
+    assert all(0 <= a <= 100 for a in results["test"]["per_episode"])
+
+
+def test_extending_a_finished_run_equals_one_long_run(tmp_path):
+    straight = QUICK + ["train.meta_steps=6"]
+    train(compose(straight), tmp_path / "straight")
+    train(compose(QUICK + ["train.meta_steps=3"]), tmp_path / "split")
+    train(compose(straight), tmp_path / "split")
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert b["step"] == 6
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+    assert torch.equal(a["rng"]["sampler"], b["rng"]["sampler"])
+
+
+def test_a_finished_run_prints_its_result_and_exits(tmp_path, capsys):
+    train(compose(QUICK), tmp_path)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    train(compose(QUICK), tmp_path)
+    assert "run already finished at meta-step 4: test MSE" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_from_a_given_checkpoint_into_a_new_run(tmp_path):
+    train(compose(QUICK), tmp_path / "first")
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.pt"
+    train(compose(QUICK + ["train.meta_steps=6", f"train.resume={checkpoint}"]), tmp_path / "second")
+    assert final_state(tmp_path / "second")["step"] == 6
+    with pytest.raises(UserError, match="trained with dataset.name='sinusoid'"):
+        train(compose(["train.meta_steps=6", f"train.resume={checkpoint}"]), tmp_path / "third")
+
+
+def test_a_run_directory_with_other_settings_is_refused(tmp_path):
+    train(compose(QUICK), tmp_path)
+    with pytest.raises(UserError, match=r"holds a run with other settings \(algorithm.lam\)"):
+        train(compose(QUICK + ["algorithm.lam=0.5"]), tmp_path)
+
+
+def test_checkpoints_load_with_plain_weights_only_torch_load(tmp_path):
+    train(compose(QUICK), tmp_path)
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert {"params", "optimizer", "step", "rng", "config"} <= set(state)
+        assert "algorithm:" in state["config"]
+
+
+def digest(folder: Path) -> dict:
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One quick run through the installed console script, shared by the CLI tests below."""
+    folder = tmp_path_factory.mktemp("cli")
+    result = run_cli("imaml-train", *QUICK, f"hydra.run.dir={folder / 'run'}", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder, result
+
+
+def test_train_cli_prints_the_result_line(finished_run):
+    folder, result = finished_run
+    assert "test MSE" in result.stdout and "95% CI, 8 episodes, 10-shot" in result.stdout
+    assert (folder / "run" / ".hydra" / "config.yaml").exists()
+    assert (folder / "run" / "train.log").read_text().count("val MSE") == 2
+
+
+def test_eval_cli_with_overrides_writes_json(finished_run, tmp_path):
+    folder, _ = finished_run
+    result = run_cli("imaml-eval", f"checkpoint={folder / 'run' / 'checkpoints' / 'best.pt'}", "eval.episodes=12",
+                     "inner_solver.steps=3", "eval.split=val", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "val MSE" in result.stdout and "12 episodes" in result.stdout
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["episodes"] == 12 and len(report["per_episode"]) == 12 and report["split"] == "val"
+    assert "inner_solver.steps=3" in report["overrides"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["checkpoint=/nonexistent/last.pt"], "checkpoint /nonexistent/last.pt does not exist"),
+    ([], "no checkpoint given; run imaml-eval checkpoint=PATH"),
+    (["checkpoint={run}/train.log"], "is not a readable imaml checkpoint"),
+    (["checkpoint={run}/checkpoints/best.pt", "dataset.ways=7", "experiment=omniglot_5w1s"],
+     "experiment=... cannot change at evaluation"),
+])
+def test_eval_cli_bad_input(finished_run, tmp_path, args, message):
+    folder, _ = finished_run
+    args = [a.format(run=folder / "run") for a in args]
+    result = run_cli("imaml-eval", *args, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_of_an_incompatible_config_is_refused(tmp_path):
+    train(compose(QUICK), tmp_path / "run")
+    from imaml_cli.engine.evaluation_run import evaluate_checkpoint
+
+    cfg = compose(["experiment=omniglot_5w1s", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"],
+                  config_name="eval")
+    with pytest.raises(UserError, match="built for omniglot inputs|ways"):
+        evaluate_checkpoint(cfg, ["model=omniglot_conv", "dataset=omniglot"], tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dataset.ways=1", "experiment=omniglot_5w1s"], "dataset.ways=1 is invalid"),
+    (["algorithm.lam=0"], "algorithm.lam=0 is invalid"),
+    (["device=cuda"], "device=cuda but no CUDA device is available"),
+    (["train.resume=/nonexistent.pt", "hydra.run.dir={new}"], "checkpoint /nonexistent.pt does not exist"),
+])
+def test_train_cli_refuses_bad_input_and_keeps_the_existing_run(finished_run, tmp_path, args, message):
+    if "cuda" in args[0] and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    folder, _ = finished_run
+    before = digest(folder / "run")
+    args = [a.format(new=tmp_path / "new") for a in args]
+    result = run_cli("imaml-train", *QUICK, f"hydra.run.dir={folder / 'run'}", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert digest(folder / "run") == before
+
+
+def test_two_job_sweep_with_the_basic_launcher(tmp_path):
+    result = run_cli("imaml-train", "-m", *QUICK, "algorithm.lam=0.5,1.0", f"hydra.sweep.dir={tmp_path}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "results.json").read_text())["meta_steps"] == 4
+    lams = [load_checkpoint(tmp_path / j / "checkpoints" / "last.pt")["config"] for j in ("0", "1")]
+    assert "lam: 0.5" in lams[0] and "lam: 1.0" in lams[1]
+
+
+def test_sweep_returns_the_validation_score():
+    from imaml_cli.train import main
+
+    assert main.__wrapped__.__annotations__["return"] is float
+
+
+def test_regular_install_finds_its_configs_from_any_folder(tmp_path):
+    """A non-editable install (a wheel into a separate folder) composes from an unrelated cwd."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=300)
+    assert (target / "imaml_cli" / "conf" / "experiment" / "omniglot_20w1s.yaml").exists()
+    assert (target / "imaml_cli" / "data" / "splits").is_dir()
+    code = ("import sys; sys.argv = ['imaml-train', 'experiment=omniglot_20w1s', '--cfg', 'job'];"
+            "from imaml_cli.train import main; main()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ways: 20" in result.stdout and "steps: 25" in result.stdout
+    assert str(target) in subprocess.run(
+        [sys.executable, "-c", "import imaml_cli; print(imaml_cli.__file__)"], cwd=tmp_path, capture_output=True,
+        text=True, env={"PYTHONPATH": str(target)}).stdout
+
+
+def test_console_script_help_from_another_folder(tmp_path):
+    result = run_cli("imaml-train", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "experiment: miniimagenet_5w1s" in result.stdout.replace(",", "\n") or \
+        "miniimagenet_5w1s" in result.stdout
