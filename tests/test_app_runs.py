@@ -38,10 +38,14 @@ def test_each_algorithm_and_solver_trains_end_to_end(tmp_path, overrides):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_omniglot_run_on_generated_images(tmp_path, cache_dir):
-    from test_data_omniglot import make_omniglot_root
+def test_omniglot_run_on_generated_images(tmp_path, cache_dir, monkeypatch):
+    from imaml_cli.data import omniglot
+    from test_data_omniglot import make_zips
 
-    root = make_omniglot_root(tmp_path / "omniglot")
+    root = make_zips(tmp_path / "omniglot")
+    # The generated archives hold 5 characters; every split uses 3 of them (12 classes with rotations).
+    tiny = {"background": {"Alpha": ["character01", "character02"]}, "evaluation": {"Gamma": ["character01"]}}
+    monkeypatch.setattr(omniglot, "split_characters", lambda split: tiny)
     overrides = ["experiment=omniglot_5w1s", f"dataset.root={root}", "dataset.download=false",
                  "train.meta_steps=2", "train.meta_batch_size=2", "train.val_every=1", "train.val_episodes=2",
                  "inner_solver.steps=2", "cg.steps=2", "eval.episodes=4", "train.progress=false",
