@@ -1,4 +1,7 @@
-"""imaml-eval checkpoint=PATH: evaluate a checkpoint with its stored config and any overrides."""
+"""imaml-eval checkpoint=PATH: evaluate a checkpoint with its stored config and any overrides.
+
+Under ``torchrun --nproc_per_node=N`` the episodes are split across the processes.
+"""
 
 from pathlib import Path
 
@@ -7,8 +10,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from imaml_cli.errors import exit_on_user_error
+from imaml_cli.torchrun import torchrun_aware
 
 
+@torchrun_aware
 @hydra.main(version_base="1.3", config_path="pkg://imaml_cli.conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
     with exit_on_user_error():

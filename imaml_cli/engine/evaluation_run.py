@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from imaml_cli.config import validate
 from imaml_cli.engine import components
 from imaml_cli.engine.checkpoint import load_checkpoint
+from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import evaluate
 from imaml_cli.engine.logging import write_json
 from imaml_cli.engine.loop import _load_params
@@ -33,22 +34,30 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
 
 
 def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) -> float:
-    """Print the one-line result and write ``eval.json`` into ``run_dir``; returns the mean."""
+    """Print the one-line result and write ``eval.json`` into ``run_dir``; returns the mean.
+
+    Under torchrun the episodes are split across the ranks and rank 0 reports them all.
+    """
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise UserError("no checkpoint given; run imaml-eval checkpoint=PATH/checkpoints/best.pt")
     path = Path(cfg.checkpoint)
     state = load_checkpoint(path)
     config = validate(apply_overrides(OmegaConf.create(state["config"]), cfg, overrides))
-    device = components.resolve_device(config["device"])
-    network = components.build_network(config, device)
-    _load_params(network, state, path)
-    learner = components.build_learner(config, network)
-    ecfg = config["eval"]
-    source = components.build_source(config, ecfg["split"], device)
-    result = evaluate(learner, dict(network.named_parameters()), source, episodes=ecfg["episodes"],
-                      seed=ecfg["seed"], batch_size=ecfg["batch_size"], split=ecfg["split"])
-    print(result.line())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "eval.json", {**result.to_dict(), "checkpoint": str(path.resolve()),
-                                       "meta_step": state["step"], "overrides": overrides})
-    return result.mean
+    world = Distributed.start(components.resolve_device(config["device"]))
+    try:
+        network = components.build_network(config, world.device)
+        _load_params(network, state, path)
+        learner = components.build_learner(config, network)
+        ecfg = config["eval"]
+        source = world.main_first(lambda: components.build_source(config, ecfg["split"], world.device))
+        result = evaluate(learner, dict(network.named_parameters()), source, episodes=ecfg["episodes"],
+                          seed=ecfg["seed"], batch_size=ecfg["batch_size"], split=ecfg["split"],
+                          shard=(world.rank, world.world), gather=world.gather_lists)
+        if world.is_main:
+            print(result.line())
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "eval.json", {**result.to_dict(), "checkpoint": str(path.resolve()),
+                                               "meta_step": state["step"], "overrides": overrides})
+        return result.mean
+    finally:
+        world.close()

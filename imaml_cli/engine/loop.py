@@ -103,8 +103,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     one when validation is off.
     """
     config = validate(cfg)
-    device = components.resolve_device(config["device"])
-    run_dir = Path(run_dir)
+    world = Distributed.start(components.resolve_device(config["device"]))
+    try:
+        return _train(config, world.shared_folder(Path(run_dir)), world)
+    finally:
+        world.close()
+
+
+def _train(config: dict, run_dir: Path, world: Distributed) -> float:
+    device = world.device
     last_path = run_dir / "checkpoints" / "last.pt"
     best_path = run_dir / "checkpoints" / "best.pt"
     results_path = run_dir / "results.json"
@@ -122,8 +129,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             import json
 
             result = json.loads(results_path.read_text())
-            print(f"run already finished at meta-step {resumed['step']}: "
-                  f"{EvalResult(**result['test']).line()}")
+            if world.is_main:
+                print(f"run already finished at meta-step {resumed['step']}: "
+                      f"{EvalResult(**result['test']).line()}")
             return result["score"]
     elif tcfg["resume"]:
         resumed = load_checkpoint(Path(tcfg["resume"]))
@@ -131,14 +139,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         check_compatible(stored, config, SHAPE_KEYS, Path(tcfg["resume"]),
                          "resume only with the same dataset, ways and model")
 
-    world = Distributed.start(device)
     network = components.build_network(config, device)
     learner = components.build_learner(config, network)
     params = dict(network.named_parameters())
     optimizer = components.build_optimizer(config, params.values())
     generator = torch.Generator().manual_seed(tcfg["seed"])
-    train_source = components.build_source(config, "train", device)
-    val_source = components.build_source(config, "val", device) if tcfg["val_every"] else None
+    train_source, val_source = world.main_first(lambda: (
+        components.build_source(config, "train", device),
+        components.build_source(config, "val", device) if tcfg["val_every"] else None))
 
     step, best, best_step, bad_steps, skipped, elapsed = 0, None, None, 0, 0, 0.0
     if resumed is not None:
@@ -161,6 +169,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     def checkpoint(path: Path) -> None:
         if world.is_main:
             save_checkpoint(state(), path)
+        # No rank may exit before the file is whole: torchrun stops the others when one exits.
+        world.barrier()
 
     tb = TensorBoard(run_dir, step) if world.is_main else None
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
@@ -210,13 +220,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                         tb.scalars("val", {result.metric: result.mean, f"{result.metric}_ci95": result.ci95}, step)
                         progress.set_postfix(_postfix(summary, best), refresh=False)
                         log.info("meta-step %d: %s", step, result.line())
-                        if improved:
-                            checkpoint(best_path)
+                    if improved:
+                        checkpoint(best_path)
                 if step % tcfg["checkpoint_every"] == 0:
                     checkpoint(last_path)
-                if signals:
+                signum = world.largest(signals[0] if signals else 0)
+                if signum:
                     checkpoint(last_path)
-                    raise Interrupted(signals[0], f"{signal.Signals(signals[0]).name} at meta-step {step}: "
+                    raise Interrupted(signum, f"{signal.Signals(signum).name} at meta-step {step}: "
                                       f"checkpoint saved to {last_path}; run the same command again to resume")
             checkpoint(last_path)
     finally:
@@ -233,7 +244,7 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
         _load_params(network, load_checkpoint(best_path), best_path)
         used = "best"
     ecfg = config["eval"]
-    source = components.build_source(config, ecfg["split"], device)
+    source = world.main_first(lambda: components.build_source(config, ecfg["split"], device))
     result = evaluate(learner, params, source, episodes=ecfg["episodes"], seed=ecfg["seed"],
                       batch_size=ecfg["batch_size"], split=ecfg["split"], shard=(world.rank, world.world),
                       gather=world.gather_lists)
