@@ -59,6 +59,9 @@ class Distributed:
     def shard(self, batch: TaskBatch) -> tuple[TaskBatch, int, int]:
         """This rank's tasks of the global batch, with their count and the global count."""
         total = batch.support_x.shape[0]
+        if total < self.world:
+            raise UserError(f"train.meta_batch_size={total} is smaller than the {self.world} processes; "
+                            "each needs at least one task of a meta-batch")
         bounds = [total * r // self.world for r in range(self.world + 1)]
         part = slice(bounds[self.rank], bounds[self.rank + 1])
         return TaskBatch(*(t[part] for t in batch)), bounds[self.rank + 1] - bounds[self.rank], total

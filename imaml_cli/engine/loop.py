@@ -100,7 +100,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """Meta-train as ``cfg`` says, writing into ``run_dir``; returns the best validation score.
 
     The score is the validation accuracy in % (classification) or MSE (regression), or the test
-    one when validation is off.
+    one when validation is off. Under torchrun every rank calls it, and rank 0's ``run_dir`` counts.
     """
     config = validate(cfg)
     world = Distributed.start(components.resolve_device(config["device"]))
@@ -217,7 +217,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                     if improved:
                         best, best_step = result.mean, step
                     if world.is_main:
-                        tb.scalars("val", {result.metric: result.mean, f"{result.metric}_ci95": result.ci95}, step)
+                        tb.scalars("val", {result.metric: result.mean, f"{result.metric}_ci95": result.ci95,
+                                          "train_seconds": elapsed}, step)
                         progress.set_postfix(_postfix(summary, best), refresh=False)
                         log.info("meta-step %d: %s", step, result.line())
                     if improved:

@@ -1,0 +1,69 @@
+"""Validation accuracy against meta-step and against training time, for one or more runs.
+
+    python scripts/plot_runs.py outputs/imaml outputs/maml --labels iMAML MAML --out docs/runs.png
+
+Reads each run directory's TensorBoard events (``val/accuracy`` or ``val/mse`` and
+``val/train_seconds``: meta-training time without validation) and draws two panels into a PNG.
+Needs matplotlib (``pip install -e ".[plot]"``).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def load_curve(run_dir: Path) -> tuple[str, list[int], list[float], list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    metric = next((t for t in ("val/accuracy", "val/mse") if t in tags), None)
+    if metric is None:
+        sys.exit(f"error: {run_dir}/tb has no validation scalars; was train.val_every 0?")
+    values = events.Scalars(metric)
+    seconds = {e.step: e.value for e in events.Scalars("val/train_seconds")} if "val/train_seconds" in tags else {}
+    return metric, [e.step for e in values], [e.value for e in values], [seconds.get(e.step, float("nan")) for e in values]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with a tb/ folder)")
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder names)")
+    parser.add_argument("--out", type=Path, default=Path("runs.png"))
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    labels = args.labels or [r.name for r in args.runs]
+    if len(labels) != len(args.runs):
+        sys.exit(f"error: {len(labels)} labels for {len(args.runs)} runs; give one label per run")
+    for run in args.runs:
+        if not (run / "tb").is_dir():
+            sys.exit(f"error: {run} has no tb/ folder; pass the run directories that imaml-train wrote")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit('error: matplotlib is not installed; pip install -e ".[plot]"')
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for run, label in zip(args.runs, labels):
+        metric, steps, values, seconds = load_curve(run)
+        by_step.plot(steps, values, marker="o", markersize=3, label=label)
+        by_time.plot([s / 60 for s in seconds], values, marker="o", markersize=3, label=label)
+    ylabel = "validation accuracy (%)" if metric.endswith("accuracy") else "validation MSE"
+    for ax, xlabel in ((by_step, "meta-step"), (by_time, "meta-training time (minutes)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if args.title:
+        fig.suptitle(args.title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
