@@ -60,3 +60,15 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise UserError(f"{path} is not an imaml checkpoint (no '{FORMAT}' record); "
                         "pass a checkpoints/last.pt or best.pt written by imaml-train")
     return state
+
+
+def load_params(network: torch.nn.Module, state: dict, path) -> None:
+    """Copy a checkpoint's parameters into ``network``; a network of another shape is a UserError."""
+    params = dict(network.named_parameters())
+    stored = state["params"]
+    if set(stored) != set(params) or any(stored[k].shape != params[k].shape for k in params):
+        raise UserError(f"checkpoint {path} holds parameters of another network shape; "
+                        "use it with the dataset.ways and model it was trained with")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(stored[k])

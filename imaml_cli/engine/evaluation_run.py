@@ -6,11 +6,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from imaml_cli.config import validate
 from imaml_cli.engine import components
-from imaml_cli.engine.checkpoint import load_checkpoint
+from imaml_cli.engine.checkpoint import load_checkpoint, load_params
 from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import evaluate
 from imaml_cli.engine.logging import write_json
-from imaml_cli.engine.loop import _load_params
 from imaml_cli.errors import UserError
 
 GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimizer")
@@ -46,7 +45,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) ->
     world = Distributed.start(components.resolve_device(config["device"]))
     try:
         network = components.build_network(config, world.device)
-        _load_params(network, state, path)
+        load_params(network, state, path)
         learner = components.build_learner(config, network)
         ecfg = config["eval"]
         source = world.main_first(lambda: components.build_source(config, ecfg["split"], world.device))

@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imaml_cli.config import validate
 from imaml_cli.engine import components
-from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from imaml_cli.engine.checkpoint import load_checkpoint, load_params, save_checkpoint
 from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import EvalResult, evaluate
 from imaml_cli.engine.logging import TensorBoard, flat_hparams, mean_metrics, write_json
@@ -150,7 +150,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
 
     step, best, best_step, bad_steps, skipped, elapsed = 0, None, None, 0, 0, 0.0
     if resumed is not None:
-        _load_params(network, resumed, tcfg["resume"] or last_path)
+        load_params(network, resumed, tcfg["resume"] or last_path)
         optimizer.load_state_dict(resumed["optimizer"])
         restore_rng(resumed["rng"], generator)
         step, best, best_step = resumed["step"], resumed.get("best_score"), resumed.get("best_step")
@@ -242,7 +242,7 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
     """Test the best checkpoint (the last state when no validation ran) and write results.json."""
     used = "last"
     if best_path.exists():
-        _load_params(network, load_checkpoint(best_path), best_path)
+        load_params(network, load_checkpoint(best_path), best_path)
         used = "best"
     ecfg = config["eval"]
     source = world.main_first(lambda: components.build_source(config, ecfg["split"], device))
@@ -261,17 +261,6 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
         tb.close()
     world.barrier()
     return score
-
-
-def _load_params(network: torch.nn.Module, state: dict, path) -> None:
-    params = dict(network.named_parameters())
-    stored = state["params"]
-    if set(stored) != set(params) or any(stored[k].shape != params[k].shape for k in params):
-        raise UserError(f"checkpoint {path} holds parameters of another network shape; "
-                        "use it with the dataset.ways and model it was trained with")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(stored[k])
 
 
 def _progress_bar(tcfg: dict, step: int, enabled: bool):
