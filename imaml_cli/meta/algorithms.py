@@ -1,7 +1,10 @@
 """Meta-learning algorithms behind one interface: θ and a batch of tasks in, meta-gradient out.
 
 Every algorithm is written for one task and mapped over the tasks of a meta-batch with ``vmap``
-(or, for reference and benchmarks, a plain Python loop over the same per-task function).
+(or, for reference and benchmarks, a plain Python loop over the same per-task function). For the
+ReLU conv nets, a gradient-descent inner loop and everything after it can instead run through the
+hand-written batched passes of ``models/fused.py`` (``MetaLearner.fused``): the same
+meta-gradient, about twice as fast on CPU (BENCHMARKS.md).
 
 - ``imaml``: adapt φ by the inner solver on L̂(φ) + λ/2‖φ − θ‖², then solve
   (I + ∇²L̂(φ)/λ) g = ∇L_test(φ) by CG with Hessian-vector products (Rajeswaran et al. 2019).
@@ -19,8 +22,9 @@ from torch.func import grad, vmap
 
 from imaml_cli.meta import tree
 from imaml_cli.meta.cg import conjugate_gradient
-from imaml_cli.meta.hvp import hessian_vector_product
+from imaml_cli.meta.hvp import HVP_MODES, hessian_operator
 from imaml_cli.meta.inner import GradientDescent, InnerSolver
+from imaml_cli.meta.precision import check_precision, matmul_precision
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.meta.tree import Params
 
@@ -42,6 +46,21 @@ class MetaLearner:
 
     ``cg_damping`` adds δ·I to the CG matrix, I + ∇²L̂/λ + δI; it is 0 (the paper's system) unless
     set. ``vectorize=False`` processes the tasks in a Python loop, as a reference for the batched path.
+
+    Speed switches, measured in BENCHMARKS.md. The first two compute the same meta-gradient up to
+    rounding; the defaults are the fastest exact choices.
+
+    - ``hvp_mode``: how CG's Hessian-vector products are taken by autograd (``hessian_operator``).
+    - ``fused``: with a gradient-descent inner loop, and a network ``TaskModel.fused`` covers
+      (the ReLU conv nets), take the inner loop's gradients, the query gradients, iMAML's
+      Hessian-vector products and the metrics' forward passes for all tasks at once by the
+      hand-written passes of ``models/fused.py`` instead of ``vmap`` over autograd (``hvp_mode``
+      then does not apply). Needs ``vectorize``; not for MAML, which differentiates through the
+      inner loop.
+    - ``precision``: the internal precision of float32 matrix products during a meta-step
+      (``meta/precision.py``): ``ieee``, ``bf16`` (CPU) or ``tf32`` (CUDA). Not ``ieee`` changes
+      the result: on Omniglot the meta-gradient after 16 inner steps moves far more than bf16's
+      rounding (BENCHMARKS.md), so ``ieee`` is the default.
     """
 
     model: TaskModel
@@ -50,8 +69,10 @@ class MetaLearner:
     lam: float = 1.0
     cg_steps: int = 5
     cg_damping: float = 0.0
-    hvp_mode: str = "forward_over_reverse"
+    hvp_mode: str = "reverse_over_reverse"
     vectorize: bool = True
+    fused: bool = True
+    precision: str = "ieee"
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -60,6 +81,17 @@ class MetaLearner:
             raise ValueError(f"algorithm {self.algorithm!r} adapts by gradient descent; use the gd inner solver")
         if self.algorithm == "imaml" and not self.lam > 0:
             raise ValueError(f"iMAML needs lam > 0, got {self.lam}")
+        if self.hvp_mode not in HVP_MODES:
+            raise ValueError(f"unknown HVP mode {self.hvp_mode!r}; expected one of {HVP_MODES}")
+        check_precision(self.precision)
+        autograd_modes = {getattr(self.inner, "hvp_mode", None)}
+        if self.algorithm == "imaml" and self._fused_model() is None:
+            autograd_modes.add(self.hvp_mode)
+        if ("reverse_over_reverse" in autograd_modes and self.vectorize
+                and getattr(self.model.network, "conv_impl", None) == "native"):
+            # F.batch_norm's double backward reads .data, which vmap forbids.
+            raise ValueError("hvp_mode 'reverse_over_reverse' needs conv_impl 'im2col' under vmap; "
+                             "use hvp_mode 'forward_over_reverse' with the native convolution")
 
     @property
     def inner_lam(self) -> float:
@@ -69,50 +101,137 @@ class MetaLearner:
     def adapt(self, theta: Params, tasks: Tasks) -> tuple[Params, dict[str, torch.Tensor]]:
         """Adapted parameters per task ``[T, ...]`` and per-task metrics, without a meta-gradient."""
         theta = tree.detach(theta)
-
-        def one_task(xs, ys):
-            return self.inner(lambda p: self.model.loss(p, xs, ys), theta, self.inner_lam)
-
-        phi = self._map(one_task, tasks.support_x, tasks.support_y)
-        return phi, self.metrics(theta, phi, tasks)
+        with self._precision(theta):
+            phi = self._adapt(theta, tasks.support_x, tasks.support_y)
+            return phi, self.metrics(theta, phi, tasks)
 
     def meta_gradient(self, theta: Params, tasks: Tasks) -> tuple[Params, dict[str, torch.Tensor]]:
         """The meta-gradient averaged over tasks, with θ's structure, and per-task metrics ``[T]``."""
         theta = tree.detach(theta)
-        per_task = {"imaml": self._imaml, "maml": self._maml, "fomaml": self._fomaml,
-                    "reptile": self._reptile}[self.algorithm]
-        grads, phi, extra = self._map(lambda *data: per_task(theta, *data), *tasks)
-        metrics = self.metrics(theta, phi, tasks)
+        fused = self._fused_model()
+        with self._precision(theta):
+            if self.algorithm == "maml":
+                grads, phi, extra = self._map(lambda *data: self._maml(theta, *data), *tasks)
+            elif fused is not None:
+                grads, metrics = self._fused_meta_gradient(fused, theta, tasks)
+                return {k: v.mean(0) for k, v in grads.items()}, metrics
+            else:
+                phi = self._adapt(theta, tasks.support_x, tasks.support_y)
+                grads, extra = self._outer_gradients(theta, phi, tasks)
+            metrics = self.metrics(theta, phi, tasks)
         metrics.update(extra)
         return {k: v.mean(0) for k, v in grads.items()}, metrics
 
     def metrics(self, theta: Params, phi: Params, tasks: Tasks) -> dict[str, torch.Tensor]:
         """Loss (and accuracy) on support and query sets before (θ) and after (φ) adaptation."""
-        def one_task(phi, xs, ys, xq, yq):
-            out = {}
-            for stage, params in (("pre", theta), ("post", phi)):
-                for split, x, y in (("support", xs, ys), ("query", xq, yq)):
-                    loss, accuracy = self.model.loss_and_accuracy(params, x, y)
-                    out[f"{stage}_{split}_loss"] = loss
-                    if accuracy is not None:
-                        out[f"{stage}_{split}_accuracy"] = accuracy
-            return out
-
+        fused = self._fused_model()
         with torch.no_grad():
+            if fused is not None:
+                return self._fused_metrics(fused, fused.to_internal(theta), fused.to_internal(tree.detach(phi)),
+                                           fused.prepare(tasks.support_x), fused.prepare(tasks.query_x), tasks, {})
+
+            def one_task(phi, xs, ys, xq, yq):
+                out = {}
+                for stage, params in (("pre", theta), ("post", phi)):
+                    for split, x, y in (("support", xs, ys), ("query", xq, yq)):
+                        loss, accuracy = self.model.loss_and_accuracy(params, x, y)
+                        out[f"{stage}_{split}_loss"] = loss
+                        if accuracy is not None:
+                            out[f"{stage}_{split}_accuracy"] = accuracy
+                return out
+
             return self._map(one_task, tree.detach(phi), *tasks)
 
-    def _imaml(self, theta, xs, ys, xq, yq):
-        train_loss = lambda p: self.model.loss(p, xs, ys)  # noqa: E731
-        phi = self.inner(train_loss, theta, self.lam)
-        query_grad = grad(lambda p: self.model.loss(p, xq, yq))(phi)
+    def _fused_metrics(self, fused, theta, phi, support, query, tasks: Tasks, known: dict):
+        """``metrics`` from the outputs of the fused network; ``known`` holds outputs (named
+        stage_split) that the meta-step already computed."""
+        params = {"pre": {k: v.expand(len(tasks.support_x), *v.shape) for k, v in theta.items()}, "post": phi}
+        outputs = {}
+        for stage in ("pre", "post"):
+            for split, batch in (("support", support), ("query", query)):
+                name = f"{stage}_{split}"
+                outputs[name] = known[name] if name in known else fused.outputs(params[stage], batch)
+        return self._map(self._metrics_of_outputs, outputs, tasks.support_y, tasks.query_y)
 
+    def _metrics_of_outputs(self, outputs, ys, yq):
+        metrics = {}
+        for name, out in outputs.items():
+            loss, accuracy = self.model.loss_and_accuracy_of_outputs(out, ys if name.endswith("support") else yq)
+            metrics[f"{name}_loss"] = loss
+            if accuracy is not None:
+                metrics[f"{name}_accuracy"] = accuracy
+        return metrics
+
+    def _precision(self, theta: Params):
+        return matmul_precision(self.precision, next(iter(theta.values())).device)
+
+    def _fused_model(self):
+        """The hand-written batched gradient, when the settings allow it, else None."""
+        if self.fused and self.vectorize and isinstance(self.inner, GradientDescent):
+            return self.model.fused
+        return None
+
+    def _adapt(self, theta: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        """φ per task ``[T, ...]``: the inner solver on each task's proximal support loss."""
+        fused = self._fused_model()
+        if fused is not None:
+            data = fused.prepare(support_x, support_y)
+            phi = self.inner.batched(lambda p: fused.outputs_and_gradient(p, data)[1], fused.to_internal(theta),
+                                     self.inner_lam, len(support_x))
+            return fused.from_internal(phi)
+
+        def one_task(xs, ys):
+            return self.inner(lambda p: self.model.loss(p, xs, ys), theta, self.inner_lam)
+
+        return self._map(one_task, support_x, support_y)
+
+    def _outer_gradients(self, theta: Params, phi: Params, tasks: Tasks):
+        """Per-task meta-gradients ``[T, ...]`` of the first-order algorithms and iMAML, given φ."""
+        if self.algorithm == "reptile":
+            return tree.add({k: v.expand_as(phi[k]) for k, v in theta.items()}, phi, -1.0), {}
+        query_grad = self._map(grad(self.model.loss), phi, tasks.query_x, tasks.query_y)
+        if self.algorithm == "fomaml":
+            return query_grad, {}
+        return self._map(self._implicit_gradient, phi, query_grad, tasks.support_x, tasks.support_y)
+
+    def _implicit_gradient(self, phi, query_grad, xs, ys):
+        hessian = hessian_operator(lambda p: self.model.loss(p, xs, ys), phi, self.hvp_mode)
+        return self._solve(hessian, query_grad, batch_dims=0)
+
+    def _solve(self, hessian, query_grad: Params, batch_dims: int):
+        """(I + ∇²L̂(φ)/λ + δI)⁻¹ ∇L_test(φ) by CG, and CG's relative residual."""
         def matvec(v):
-            hv = hessian_vector_product(train_loss, phi, v, self.hvp_mode)
-            return tree.add(tree.add(v, hv, 1.0 / self.lam), v, self.cg_damping)
+            return tree.add(v if self.cg_damping == 0 else tree.scale(v, 1.0 + self.cg_damping),
+                            hessian(v), 1.0 / self.lam)
 
-        meta_grad, residual = conjugate_gradient(matvec, query_grad, self.cg_steps)
-        relative = tree.safe_divide(residual, tree.norm(query_grad))
-        return meta_grad, phi, {"cg_residual": relative}
+        meta_grad, residual = conjugate_gradient(matvec, query_grad, self.cg_steps, batch_dims=batch_dims)
+        return meta_grad, {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims))}
+
+    def _fused_meta_gradient(self, fused, theta: Params, tasks: Tasks):
+        """The per-task meta-gradients and the metrics, all tasks at once through ``fused``."""
+        support = fused.prepare(tasks.support_x, tasks.support_y)
+        theta_i = fused.to_internal(theta)
+        known = {}
+
+        def gradient(params):
+            outputs, grads = fused.outputs_and_gradient(params, support)
+            known.setdefault("pre_support", outputs)
+            return grads
+
+        phi = self.inner.batched(gradient, theta_i, self.inner_lam, len(tasks.support_x))
+        extra = {}
+        if self.algorithm == "reptile":
+            query = fused.prepare(tasks.query_x)
+            grads = tree.add({k: v.expand_as(phi[k]) for k, v in theta_i.items()}, phi, -1.0)
+        else:
+            query = fused.prepare(tasks.query_x, tasks.query_y)
+            known["post_query"], grads = fused.outputs_and_gradient(phi, query)
+            if self.algorithm == "imaml":
+                known["post_support"], hessian = fused.outputs_and_hessian(phi, support)
+                grads, extra = self._solve(hessian, grads, batch_dims=1)
+        metrics = self._fused_metrics(fused, theta_i, phi, support, query, tasks, known)
+        metrics.update(extra)
+        return fused.from_internal(grads), metrics
 
     def _maml(self, theta, xs, ys, xq, yq):
         def query_loss_after_adaptation(theta):
@@ -121,14 +240,6 @@ class MetaLearner:
 
         meta_grad, phi = grad(query_loss_after_adaptation, has_aux=True)(theta)
         return meta_grad, tree.detach(phi), {}
-
-    def _fomaml(self, theta, xs, ys, xq, yq):
-        phi = self.inner(lambda p: self.model.loss(p, xs, ys), theta, 0.0)
-        return grad(lambda p: self.model.loss(p, xq, yq))(phi), phi, {}
-
-    def _reptile(self, theta, xs, ys, xq, yq):
-        phi = self.inner(lambda p: self.model.loss(p, xs, ys), theta, 0.0)
-        return tree.add(theta, phi, -1.0), phi, {}
 
     def _map(self, fn: Callable, *per_task_args):
         """fn over the leading (task) dimension of its arguments: vmap, or a loop and a stack."""

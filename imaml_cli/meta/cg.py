@@ -9,7 +9,7 @@ from imaml_cli.meta.tree import Params
 
 
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int,
-                       stop_at_negative_curvature: bool = False) -> tuple[Params, torch.Tensor]:
+                       stop_at_negative_curvature: bool = False, batch_dims: int = 0) -> tuple[Params, torch.Tensor]:
     """Approximately solve A x = b from x = 0 with ``steps`` CG iterations; returns (x, ‖b − A x‖).
 
     The step count is fixed so that every task of a batch runs the same operations; a task that has
@@ -19,14 +19,17 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     p with pᵀAp ≤ 0 ends the solve: the iterate so far is kept, or b itself (steepest descent) when
     that happens on the first iteration. A Newton system away from a minimum can be indefinite and
     plain CG would then step towards a maximum.
+
+    ``batch_dims=1`` solves one system per entry of the leading dimension (outside ``vmap``, for
+    a ``matvec`` that acts on all tasks at once); see ``tree``.
     """
     x = tree.zeros_like(b)
     r, p = b, b
-    rr = tree.dot(r, r)
+    rr = tree.dot(r, r, batch_dims)
     active = torch.ones_like(rr, dtype=torch.bool)
     for i in range(steps):
         ap = matvec(p)
-        curvature = tree.dot(p, ap)
+        curvature = tree.dot(p, ap, batch_dims)
         if stop_at_negative_curvature:
             negative = curvature <= 0
             if i == 0:
@@ -38,7 +41,7 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
         alpha = tree.safe_divide(rr, curvature) * step_ok
         x = tree.add(x, p, alpha)
         r = tree.add(r, ap, -alpha)
-        rr_next = tree.dot(r, r)
+        rr_next = tree.dot(r, r, batch_dims)
         p = tree.add(r, p, tree.safe_divide(rr_next, rr))
         rr = rr_next
     # The recursive residual drifts from the true one only by rounding; an extra matvec to

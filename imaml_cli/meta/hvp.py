@@ -9,17 +9,26 @@ from imaml_cli.meta.tree import Params
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 
 
-def hessian_vector_product(loss: Callable[[Params], object], params: Params, vector: Params,
-                           mode: str = "forward_over_reverse") -> Params:
-    """∇²loss(params) · vector.
+def hessian_operator(loss: Callable[[Params], object], params: Params,
+                     mode: str = "reverse_over_reverse") -> Callable[[Params], Params]:
+    """v ↦ ∇²loss(params) · v, for many v at the same ``params`` (the steps of one CG solve).
 
-    Forward-over-reverse (a jvp of the gradient) is the default: under vmap it costs about one
-    extra forward pass over the gradient, while reverse-over-reverse builds and walks a second
-    backward graph (about 14x slower for the conv net in our measurements).
+    ``reverse_over_reverse`` builds the gradient's backward graph once and pulls every v back
+    through it (the Hessian is symmetric, so the pullback is the product); each product then costs
+    one second-order backward pass and no forward pass. ``forward_over_reverse`` (a jvp of the
+    gradient) recomputes the gradient with every product: cheaper for a single product, dearer
+    over a CG solve (see BENCHMARKS.md). Both are exact.
     """
     if mode == "forward_over_reverse":
-        return jvp(grad(loss), (params,), (vector,))[1]
+        gradient = grad(loss)
+        return lambda vector: jvp(gradient, (params,), (vector,))[1]
     if mode == "reverse_over_reverse":
         _, pullback = vjp(grad(loss), params)
-        return pullback(vector)[0]
+        return lambda vector: pullback(vector)[0]
     raise ValueError(f"unknown HVP mode {mode!r}; expected one of {HVP_MODES}")
+
+
+def hessian_vector_product(loss: Callable[[Params], object], params: Params, vector: Params,
+                           mode: str = "reverse_over_reverse") -> Params:
+    """∇²loss(params) · vector."""
+    return hessian_operator(loss, params, mode)(vector)

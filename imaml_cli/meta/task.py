@@ -1,6 +1,7 @@
 """Per-task losses of a network called functionally: the objective every algorithm optimises."""
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from imaml_cli.meta.tree import Params
+from imaml_cli.models.fused import FusedConvNet
 
 KINDS = ("classification", "regression")
 
@@ -34,9 +36,16 @@ class TaskModel:
 
     def loss_and_accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor):
         """(loss, accuracy); accuracy is None for regression."""
-        out = self.outputs(params, x)
+        return self.loss_and_accuracy_of_outputs(self.outputs(params, x), y)
+
+    def loss_and_accuracy_of_outputs(self, out: torch.Tensor, y: torch.Tensor):
         accuracy = (out.argmax(-1) == y).to(out.dtype).mean() if self.kind == "classification" else None
         return self._loss(out, y), accuracy
+
+    @cached_property
+    def fused(self) -> FusedConvNet | None:
+        """The hand-written batched gradient of this network, where there is one."""
+        return FusedConvNet(self.network, self.kind) if FusedConvNet.supports(self.network, self.kind) else None
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classification":

@@ -1,6 +1,8 @@
 """Vector arithmetic on parameter dicts, so that CG and the solvers read like the maths.
 
 Under ``vmap`` every function here acts per task: a dot product returns one scalar per task.
+Outside ``vmap``, ``batch_dims=1`` treats the leading dimension as the tasks instead; scalars per
+task (``alpha``, ``condition``) then have shape ``[T]`` and broadcast over the rest.
 """
 
 import torch
@@ -8,13 +10,22 @@ import torch
 Params = dict[str, torch.Tensor]
 
 
-def dot(a: Params, b: Params) -> torch.Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
+def dot(a: Params, b: Params, batch_dims: int = 0) -> torch.Tensor:
+    if batch_dims == 0:
+        return sum((a[k] * b[k]).sum() for k in a)
+    return sum((a[k] * b[k]).flatten(batch_dims).sum(batch_dims) for k in a)
+
+
+def _per_task(scalar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scalar.reshape(scalar.shape + (1,) * (like.dim() - scalar.dim()))
 
 
 def add(a: Params, b: Params, alpha=1.0) -> Params:
     """a + alpha * b; alpha may be a per-task scalar tensor."""
-    return {k: a[k] + alpha * b[k] for k in a}
+    # One fused pass over the parameters either way, instead of a product and then a sum.
+    if isinstance(alpha, torch.Tensor):
+        return {k: torch.addcmul(a[k], b[k], _per_task(alpha, a[k])) for k in a}
+    return {k: torch.add(a[k], b[k], alpha=alpha) for k in a}
 
 
 def scale(a: Params, alpha) -> Params:
@@ -23,7 +34,7 @@ def scale(a: Params, alpha) -> Params:
 
 def where(condition: torch.Tensor, a: Params, b: Params) -> Params:
     """a where the (per-task, scalar) condition holds, else b."""
-    return {k: torch.where(condition, a[k], b[k]) for k in a}
+    return {k: torch.where(_per_task(condition, a[k]), a[k], b[k]) for k in a}
 
 
 def zeros_like(a: Params) -> Params:
@@ -34,8 +45,8 @@ def detach(a: Params) -> Params:
     return {k: v.detach() for k, v in a.items()}
 
 
-def norm(a: Params) -> torch.Tensor:
-    return dot(a, a).sqrt()
+def norm(a: Params, batch_dims: int = 0) -> torch.Tensor:
+    return dot(a, a, batch_dims).sqrt()
 
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,543 @@
+#!/usr/bin/env python
+"""How fast and how lean a meta-step is: imaml's benchmark (see BENCHMARKS.md for results).
+
+    python scripts/benchmark.py                 # full suite on the CPU (about 15 minutes on 2 cores)
+    python scripts/benchmark.py --quick         # a smoke test of every part, well under a minute
+    python scripts/benchmark.py --device cuda   # on a GPU: timings synchronised, peak allocated memory
+
+Every timed case runs in a fresh subprocess, so that its peak resident memory (CPU) is its own.
+Timing cases use random tensors of the right shapes; episode sampling uses the real Omniglot
+through imaml_cli.data when it is at ../shared/data/omniglot (relative to the repository), else
+generated images of the same shape. Results: a table on stdout, JSON (``--json``) and the
+inner-step scaling plot (``--plot``, needs matplotlib: ``pip install imaml[plot]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+GIB = 1024 ** 3
+
+# Meta-batch shapes. Omniglot 5-way 1-shot as in the authors' example command (meta-batch 32, one
+# support and one query image per class, 16 inner steps, λ = 2, 5 CG steps); the others as in
+# conf/experiment.
+CASES = {
+    "omniglot_5w1s": dict(model="omniglot_conv", ways=5, shots=1, queries=1, tasks=32, steps=16, lr=0.1, lam=2.0),
+    "omniglot_5w1s_q15": dict(model="omniglot_conv", ways=5, shots=1, queries=15, tasks=32, steps=16, lr=0.1,
+                              lam=2.0),
+    "omniglot_20w1s": dict(model="omniglot_conv", ways=20, shots=1, queries=15, tasks=16, steps=25, lr=0.1, lam=2.0),
+    "miniimagenet_5w1s": dict(model="miniimagenet_conv", ways=5, shots=1, queries=15, tasks=4, steps=10, lr=0.01,
+                              lam=0.5),
+    "sinusoid": dict(model="sinusoid_mlp", ways=1, shots=10, queries=10, tasks=25, steps=5, lr=0.01, lam=1.0),
+}
+METHODS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
+SCALING_STEPS = (5, 10, 20, 40, 80, 160)
+# The speed switches, each on top of the previous line; the last is the default.
+LEVERS = [
+    ("vmap + native conv (the plain path)", dict(conv_impl="native", fused=False, hvp_mode="forward_over_reverse")),
+    ("+ conv_impl=im2col", dict(fused=False, hvp_mode="forward_over_reverse")),
+    ("+ hvp_mode=reverse_over_reverse (cached)", dict(fused=False, hvp_mode="reverse_over_reverse")),
+    ("+ fused=True (default)", dict()),
+    ("+ precision=bf16 (not default)", dict(precision="bf16")),
+]
+
+
+# ----------------------------------------------------------------------------------- worker side
+
+def make_tasks(case: dict, device, dtype=None):
+    """Random inputs of the case's shapes (a fixed seed)."""
+    import torch
+
+    from imaml_cli.meta.algorithms import Tasks
+
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(0)
+    t, n = case["tasks"], case["ways"]
+    if case["model"] == "sinusoid_mlp":
+        def draw(k):
+            x = torch.rand(t, k, 1, generator=g) * 10 - 5
+            return x, torch.sin(x) * 2
+        support, query = draw(case["shots"]), draw(case["queries"])
+    else:
+        shape = (1, 28, 28) if case["model"] == "omniglot_conv" else (3, 84, 84)
+
+        def draw(k):
+            return (torch.randn(t, n * k, *shape, generator=g),
+                    torch.arange(n).repeat_interleave(k).expand(t, -1).contiguous())
+        support, query = draw(case["shots"]), draw(case["queries"])
+    return Tasks(*(x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in (*support, *query)))
+
+
+def make_learner(case: dict, method: str, options: dict, device, dtype=None):
+    import torch
+
+    from imaml_cli.meta.algorithms import MetaLearner
+    from imaml_cli.meta.inner import GradientDescent, NewtonCG
+    from imaml_cli.meta.task import TaskModel
+    from imaml_cli.models import build_model
+
+    options = dict(options)
+    torch.manual_seed(0)
+    outputs = 1 if case["model"] == "sinusoid_mlp" else case["ways"]
+    network = build_model(case["model"], outputs, conv_impl=options.pop("conv_impl", "im2col"))
+    network = network.to(device, dtype or torch.float32)
+    kind = "regression" if case["model"] == "sinusoid_mlp" else "classification"
+    if method == "imaml-hf":
+        # A quarter of the GD steps as Newton iterations: each costs a gradient, 5 CG products and
+        # 6 line-search losses.
+        inner = NewtonCG(max(1, case["steps"] // 4), 5, options.pop("newton_hvp_mode", "reverse_over_reverse"))
+    else:
+        inner = GradientDescent(case["steps"], case["lr"])
+    algorithm = {"imaml-gd": "imaml", "imaml-hf": "imaml"}.get(method, method)
+    return MetaLearner(TaskModel(network, kind), algorithm, inner, lam=case["lam"], cg_steps=5, **options)
+
+
+def current_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    case, method = spec["case"], spec["method"]
+    learner = make_learner(case, method, spec.get("options", {}), device)
+    tasks = make_tasks(case, device)
+    theta = learner.model.parameters()
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    base_rss = current_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    times, cpu = [], []
+    started = time.perf_counter()
+    for i in range(spec["warmup"] + spec["reps"]):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        learner.meta_gradient(theta, tasks)
+        sync()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        # Slow cases take fewer repetitions, so that the whole suite stays within its budget.
+        if i >= spec["warmup"] and time.perf_counter() - started > spec.get("budget_s", 1e9) and len(times) >= 2:
+            break
+    # Below 1, the machine's other work took cores from this case while it was being timed.
+    utilization = sum(cpu) / (sum(times) * torch.get_num_threads())
+    result = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+              "cpu_utilization": utilization,
+              "tasks_per_s": case["tasks"] / statistics.median(times), "base_rss_bytes": base_rss,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if cuda:
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        result["base_cuda_bytes"] = base_cuda
+    return result
+
+
+def run_accuracy(spec: dict) -> dict:
+    """How far reduced precision moves the meta-gradient, and how far rounding alone can move it."""
+    import torch
+
+    from imaml_cli.meta import tree
+    from imaml_cli.meta.algorithms import Tasks
+    from imaml_cli.meta.precision import matmul_precision
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    case = spec["case"]
+
+    def relative(a, b):
+        return (tree.norm(tree.add(a, b, -1.0)) / tree.norm(b)).item()
+
+    def learner(dtype, **options):
+        return make_learner(case, "imaml-gd", options, "cpu", dtype)
+
+    tasks = make_tasks(case, "cpu")
+    if spec.get("omniglot") and OMNIGLOT.is_dir():
+        from imaml_cli.data import make_episode_source
+
+        source = make_episode_source("omniglot", "train", root=OMNIGLOT, ways=case["ways"], shots=case["shots"],
+                                     queries=case["queries"], device="cpu")
+        tasks = Tasks(*source.sample(case["tasks"], torch.Generator().manual_seed(0)))
+    tasks64 = Tasks(*(x.double() if x.is_floating_point() else x for x in tasks))
+    exact = learner(torch.float64)
+    theta64 = exact.model.parameters()
+    theta = {k: v.float() for k, v in theta64.items()}
+    reference, _ = exact.meta_gradient(theta64, tasks64)
+    reference = {k: v.float() for k, v in reference.items()}
+    out = {"data": "omniglot" if spec.get("omniglot") and OMNIGLOT.is_dir() else "random"}
+    for precision in ("ieee", "bf16"):
+        grads, metrics = learner(torch.float32, precision=precision).meta_gradient(theta, tasks)
+        out[f"meta_gradient_{precision}_vs_float64"] = relative(grads, reference)
+        out[f"cg_residual_{precision}"] = metrics["cg_residual"].mean().item()
+    g = torch.Generator().manual_seed(1)
+    nudged = {k: v * (1 + 1e-6 * torch.randn(v.shape, generator=g)) for k, v in theta.items()}
+    grads, _ = learner(torch.float32).meta_gradient(theta, tasks)
+    out["meta_gradient_fp32_theta_nudged_1e-6"] = relative(learner(torch.float32).meta_gradient(nudged, tasks)[0],
+                                                           grads)
+    # One gradient and one Hessian-vector product at fixed parameters: the per-operation error.
+    model64, model32 = exact.model, learner(torch.float32).model
+    fused64, fused32 = model64.fused, model32.fused
+    phi64 = {k: v.expand(case["tasks"], *v.shape) for k, v in fused64.to_internal(theta64).items()}
+    batch64 = fused64.prepare(tasks64.support_x, tasks64.support_y)
+    _, grad64 = fused64.outputs_and_gradient(phi64, batch64)
+    vector64 = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in phi64.items()}
+    hvp64 = fused64.outputs_and_hessian(phi64, batch64)[1](vector64)
+    phi32 = {k: v.float() for k, v in phi64.items()}
+    vector32 = {k: v.float() for k, v in vector64.items()}
+    batch32 = fused32.prepare(tasks.support_x, tasks.support_y)
+    for precision in ("ieee", "bf16"):
+        with matmul_precision(precision, torch.device("cpu")):
+            _, grad32 = fused32.outputs_and_gradient(phi32, batch32)
+            hvp32 = fused32.outputs_and_hessian(phi32, batch32)[1](vector32)
+        out[f"one_gradient_{precision}_vs_float64"] = relative(grad32, {k: v.float() for k, v in grad64.items()})
+        out[f"one_hvp_{precision}_vs_float64"] = relative(hvp32, {k: v.float() for k, v in hvp64.items()})
+    return out
+
+
+def run_sampling(spec: dict) -> dict:
+    import torch
+
+    from imaml_cli.data import ClassificationEpisodes
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    source_name = "generated"
+    started = time.perf_counter()
+    if OMNIGLOT.is_dir() and not spec.get("generated"):
+        from imaml_cli.data import make_episode_source
+
+        source = make_episode_source("omniglot", "train", root=OMNIGLOT, ways=5, shots=1, queries=1,
+                                     device=spec["device"])
+        source_name = f"omniglot at {OMNIGLOT}"
+    else:
+        images = torch.randint(0, 256, (4112, 20, 1, 28, 28), dtype=torch.uint8)
+        source = ClassificationEpisodes(images, 5, 1, 1, device=spec["device"])
+    load_s = time.perf_counter() - started
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        source.sample(32, g)
+    times = []
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        batch = source.sample(32, g)
+        if batch.support_x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"source": source_name, "load_s": load_s, "median_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times), "reps": len(times), "classes": source.num_classes}
+
+
+def run_compile(spec: dict) -> dict:
+    """torch.compile of the fused gradient and Hessian-vector product (a lever measured, not kept)."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    case = spec["case"]
+    learner = make_learner(case, "imaml-gd", {}, "cpu")
+    tasks = make_tasks(case, "cpu")
+    fused = learner.model.fused
+    phi = {k: v.expand(case["tasks"], *v.shape).clone() for k, v in fused.to_internal(learner.model.parameters()).items()}
+    batch = fused.prepare(tasks.support_x, tasks.support_y)
+    vector = {k: torch.randn_like(v) for k, v in phi.items()}
+    hessian = fused.outputs_and_hessian(phi, batch)[1]
+    out = {}
+    for name, eager in (("gradient", lambda: fused.outputs_and_gradient(phi, batch)), ("hvp", lambda: hessian(vector))):
+        compiled = torch.compile(eager)
+        t0 = time.perf_counter()
+        compiled()
+        out[f"{name}_compile_s"] = time.perf_counter() - t0
+        for label, fn in (("eager", eager), ("compiled", compiled)):
+            fn()
+            times = []
+            for _ in range(spec["reps"]):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[f"{name}_{label}_ms"] = 1e3 * statistics.median(times)
+    return out
+
+
+# ----------------------------------------------------------------------------------- parent side
+
+def machine(device: str) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        info["amx"] = "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def load() -> list[float]:
+    return list(os.getloadavg())
+
+
+def spawn(kind: str, spec: dict) -> dict:
+    """Run one worker in a fresh Python process and return its JSON result (or the error)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], capture_output=True,
+                          text=True, env=env, cwd=REPO)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "returncode": proc.returncode}
+
+
+def peak(result: dict, cuda: bool) -> float | None:
+    key = "peak_cuda_bytes" if cuda else "peak_rss_bytes"
+    return result[key] / GIB if key in result else None
+
+
+def fmt_row(cells, widths):
+    return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+
+
+def print_table(title, header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    print(f"\n{title}")
+    print(fmt_row(header, widths))
+    print(fmt_row(["-" * w for w in widths], widths))
+    for r in rows:
+        print(fmt_row(r, widths))
+
+
+def timing_row(name, result, cuda):
+    if "error" in result:
+        return [name, "error", "", "", result["error"][:60]]
+    if "skipped" in result:
+        return [name, "skipped", "", "", result["skipped"]]
+    mem = peak(result, cuda)
+    notes = f"{len(result['times_s'])} reps, min {result['min_s']:.3f}"
+    if not cuda:
+        notes += f", cpu {result['cpu_utilization']:.2f}"
+    return [name, f"{result['median_s']:.3f}", f"{result['tasks_per_s']:.1f}", f"{mem:.2f}" if mem else "", notes]
+
+
+def capped(spec: dict, cap_gib: float, cuda: bool, probe: dict) -> dict:
+    """Run second-order MAML unless its memory, extrapolated linearly in the inner steps from two
+    short probes (kept in ``probe``), would pass the cap."""
+    case = spec["case"]
+    key = (json.dumps({k: v for k, v in case.items() if k != "steps"}, sort_keys=True), spec["method"])
+    if key not in probe:
+        points = []
+        for steps in (2, 4):
+            r = spawn("time", dict(spec, case=dict(case, steps=steps), warmup=0, reps=1))
+            if "error" in r:
+                return r
+            points.append((steps, peak(r, cuda)))
+        probe[key] = points
+    (s1, m1), (s2, m2) = probe[key]
+    predicted = m2 + (m2 - m1) / (s2 - s1) * (case["steps"] - s2)
+    if predicted > cap_gib:
+        return {"skipped": f"predicted {predicted:.1f} GiB > cap {cap_gib:g} GiB", "predicted_gib": predicted}
+    return spawn("time", spec)
+
+
+def plot_scaling(scaling: dict, path: Path, cuda: bool, cap: float) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; no plot (pip install imaml[plot]). Data: {path.with_suffix('.json')}")
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
+    for method, style in (("imaml-gd", "o-"), ("maml", "s--")):
+        points = [(s, r) for s, r in scaling[method] if "median_s" in r]
+        if not points:
+            continue
+        steps = [s for s, _ in points]
+        ax_t.plot(steps, [r["median_s"] for _, r in points], style, label=method)
+        ax_m.plot(steps, [peak(r, cuda) for _, r in points], style, label=method)
+    for ax, label in ((ax_t, "seconds per meta-step"), (ax_m, ("peak allocated" if cuda else "peak RSS") + " (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_m.axhline(cap, color="gray", lw=0.8, ls=":", label=f"cap {cap:g} GiB")
+    ax_m.legend(fontsize=8)
+    fig.suptitle("Omniglot 5-way 1-shot, meta-batch 32: compute and memory vs inner steps", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="a small subset, for a smoke test")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--reps", type=int, default=5, help="timed meta-steps per case (after 1 warm-up)")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per case, at most")
+    parser.add_argument("--memory-cap", type=float, default=10.0, help="GiB; MAML runs predicted above it are skipped")
+    parser.add_argument("--json", type=Path, help="default: docs/benchmark_results.json (--quick: a temp dir)")
+    parser.add_argument("--plot", type=Path, help="default: docs/inner_step_scaling.png (--quick: a temp dir)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fused passes (slow)")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, spec = args.worker
+        runner = {"time": run_worker, "accuracy": run_accuracy, "sampling": run_sampling, "compile": run_compile}[kind]
+        print("RESULT " + json.dumps(runner(json.loads(spec))))
+        return
+
+    out_dir = Path(tempfile.gettempdir()) / "imaml_benchmark_quick" if args.quick else REPO / "docs"
+    args.json = args.json or out_dir / "benchmark_results.json"
+    args.plot = args.plot or out_dir / "inner_step_scaling.png"
+    cuda = args.device == "cuda"
+    base = dict(device=args.device, threads=args.threads or None, warmup=1, reps=2 if args.quick else args.reps,
+                budget_s=3.0 if args.quick else args.budget)
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(args.device),
+               "load_before": load(), "memory_cap_gib": args.memory_cap}
+    started = time.perf_counter()
+    probe: dict = {}
+
+    def timed(case_name, method, options=None, steps=None):
+        case = dict(CASES[case_name])
+        if steps is not None:
+            case["steps"] = steps
+        if args.quick:
+            case["tasks"] = min(case["tasks"], 4)
+        spec = dict(base, case=case, method=method, options=options or {})
+        if method == "maml" and not args.quick:
+            return capped(spec, args.memory_cap, cuda, probe)
+        return spawn("time", spec)
+
+    if args.quick:
+        print("--quick: meta-batches of at most 4 tasks, 2 timed steps; numbers are for smoke-testing only")
+    # 1. Every algorithm on every case.
+    case_names = ["omniglot_5w1s", "sinusoid"] if args.quick else list(CASES)
+    methods = ("imaml-gd", "fomaml") if args.quick else METHODS
+    results["cases"] = {}
+    for case_name in case_names:
+        rows = []
+        results["cases"][case_name] = {"shape": CASES[case_name]}
+        for method in methods:
+            r = timed(case_name, method)
+            results["cases"][case_name][method] = r
+            rows.append(timing_row(method, r, cuda))
+        c = dict(CASES[case_name], tasks=min(CASES[case_name]["tasks"], 4) if args.quick else CASES[case_name]["tasks"])
+        print_table(f"{case_name}: meta-batch {c['tasks']}, {c['ways']}-way {c['shots']}-shot, {c['queries']} "
+                    f"queries/class, {c['steps']} inner steps (HF: {max(1, c['steps'] // 4)} Newton steps)",
+                    ["method", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+
+    # 2. The speed switches, on the authors' 5-way 1-shot shapes with iMAML-GD.
+    if not cuda and not args.quick:
+        rows, results["levers"] = [], {}
+        for name, options in LEVERS:
+            r = timed("omniglot_5w1s", "imaml-gd", options)
+            results["levers"][name] = dict(r, options=options)
+            rows.append(timing_row(name, r, cuda))
+        for mode in ("forward_over_reverse", "reverse_over_reverse"):
+            name = f"iMAML-HF, Newton's products {mode}"
+            r = timed("omniglot_5w1s", "imaml-hf", dict(newton_hvp_mode=mode))
+            results["levers"][name] = dict(r, options={"newton_hvp_mode": mode})
+            rows.append(timing_row(name, r, cuda))
+        print_table("Speed switches, omniglot_5w1s, iMAML-GD (each line adds to the one above)",
+                    ["configuration", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+
+    # 3. Batched against the per-task loop that the tests use as reference, same inputs.
+    rows, results["batched_vs_loop"] = [], {}
+    for name, options in (("batched (vmap + fused, default)", {}), ("per-task loop (vectorize=False)",
+                                                                    {"vectorize": False})):
+        r = timed("omniglot_5w1s", "imaml-gd", options)
+        results["batched_vs_loop"][name] = r
+        rows.append(timing_row(name, r, cuda))
+    print_table("Batched vs per-task loop, omniglot_5w1s, iMAML-GD",
+                ["path", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+
+    # 4. Inner-step scaling: the paper's compute-and-memory figure, on our code.
+    steps_list = (5, 10) if args.quick else SCALING_STEPS
+    results["scaling"] = {m: [] for m in ("imaml-gd", "maml")}
+    rows = []
+    for steps in steps_list:
+        row = [steps]
+        for method in ("imaml-gd", "maml"):
+            r = timed("omniglot_5w1s", method, steps=steps)
+            results["scaling"][method].append((steps, r))
+            mem = peak(r, cuda)
+            row += [f"{r['median_s']:.3f}" if "median_s" in r else r.get("skipped", r.get("error", ""))[:40],
+                    f"{mem:.2f}" if mem else ""]
+        rows.append(row)
+    imaml_mem = [peak(r, cuda) for _, r in results["scaling"]["imaml-gd"] if "median_s" in r]
+    if len(imaml_mem) >= 2:
+        results["imaml_memory_ratio_last_to_first"] = imaml_mem[-1] / imaml_mem[0]
+    print_table(f"Inner-step scaling, omniglot_5w1s shapes (meta-batch {4 if args.quick else 32})",
+                ["steps", "iMAML s", "iMAML GiB", "MAML s", "MAML GiB"], rows)
+    if "imaml_memory_ratio_last_to_first" in results:
+        print(f"iMAML peak memory at {steps_list[-1]} steps / at {steps_list[0]} steps: "
+              f"{results['imaml_memory_ratio_last_to_first']:.3f}")
+
+    # 5. Accuracy of reduced precision (CPU only: bf16 products).
+    if not cuda and not args.quick:
+        r = spawn("accuracy", dict(base, case=CASES["omniglot_5w1s"], omniglot=True))
+        results["accuracy"] = r
+        print_table("Meta-gradient error, omniglot_5w1s, iMAML-GD (relative, L2 over all parameters)",
+                    ["quantity", "value"], [[k, f"{v:.2e}" if isinstance(v, float) else v] for k, v in r.items()])
+
+    # 6. Episode sampling.
+    r = spawn("sampling", dict(base, reps=20 if args.quick else 200, generated=args.quick))
+    results["sampling"] = r
+    if "error" in r:
+        print(f"\nEpisode sampling failed: {r['error']}")
+    else:
+        print(f"\nEpisode sampling, 32 Omniglot 5-way 1-shot episodes ({r['source']}, {r['classes']} classes): "
+              f"median {r['median_ms']:.2f} ms, min {r['min_ms']:.2f} ms over {r['reps']} meta-batches")
+
+    if args.compile and not cuda:
+        r = spawn("compile", dict(base, case=CASES["omniglot_5w1s"], reps=10))
+        results["compile"] = r
+        print_table("torch.compile of the fused passes (omniglot_5w1s)", ["quantity", "value"],
+                    [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in r.items()])
+
+    results["load_after"] = load()
+    results["wall_s"] = time.perf_counter() - started
+    m = results["machine"]
+    print(f"\n{m.get('gpu') or m.get('cpu')}, {m['threads']} torch threads, torch {m['torch']}; load average "
+          f"{results['load_before'][0]:.2f} before, {results['load_after'][0]:.2f} after; {results['wall_s']:.0f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}")
+    if plot_scaling(results["scaling"], args.plot, cuda, args.memory_cap):
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

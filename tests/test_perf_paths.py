@@ -1,0 +1,248 @@
+"""Every fast path against the plain one it replaces, on tiny shapes.
+
+The fast paths compute the same functions by other routes (channels-last patch products, a
+hand-written backward pass, hand-written Hessian-vector products, a reused linearisation), so in
+float64 they must agree with the plain paths to rounding: 1e-9 relative leaves three orders of
+magnitude above float64's accumulated rounding here and is far below any real discrepancy (a wrong
+term changes the result at order 1e-2 or more). The bfloat16 products are checked against a
+bound derived from bfloat16's precision instead.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from imaml_cli.meta import tree
+from imaml_cli.meta.algorithms import MetaLearner, Tasks
+from imaml_cli.meta.cg import conjugate_gradient
+from imaml_cli.meta.hvp import hessian_operator
+from imaml_cli.meta.inner import GradientDescent, NewtonCG
+from imaml_cli.meta.precision import matmul_precision
+from imaml_cli.meta.task import TaskModel
+from imaml_cli.models import ConvNet, build_model
+from imaml_cli.models.fused import FusedConvNet
+from imaml_cli.models.im2col import im2col
+
+TIGHT = dict(rtol=1e-9, atol=1e-12)
+
+# name -> (network factory, input shape): the stride (Omniglot) and max-pool (Mini-ImageNet)
+# variants, small.
+NETS = {
+    "stride": (lambda conv_impl="im2col": ConvNet(1, 9, 4, 3, blocks=3, stride=2, conv_impl=conv_impl), (1, 9, 9)),
+    "pool": (lambda conv_impl="im2col": ConvNet(3, 10, 3, 3, blocks=2, pool=True, conv_impl=conv_impl), (3, 10, 10)),
+}
+
+
+def relative_error(a, b):
+    return (tree.norm(tree.add(a, b, -1.0)) / tree.norm(b)).item()
+
+
+def make_net(name, conv_impl="im2col"):
+    torch.manual_seed(0)
+    return NETS[name][0](conv_impl).double()
+
+
+def tasks_for(name, kind="classification", tasks=3, images=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = NETS[name][1]
+
+    def draw():
+        x = torch.randn(tasks, images, *shape, generator=g, dtype=torch.float64)
+        if kind == "classification":
+            return x, torch.randint(3, (tasks, images), generator=g)
+        return x, torch.randn(tasks, images, 3, generator=g, dtype=torch.float64)
+    return Tasks(*draw(), *draw())
+
+
+def perturbed(params, tasks, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(tasks, *v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("geometry", [(9, 9, 3, 2, 1), (4, 4, 3, 2, 1), (6, 5, 3, 1, 1), (5, 5, 2, 2, 0), (8, 7, 2, 3, 0)])
+def test_im2col_is_unfold_and_its_derivatives_are_exact(geometry):
+    h, w, k, s, p = geometry
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, h, w, 4, generator=g, dtype=torch.float64)
+    cols = im2col(x, k, s, p)
+    ho, wo = cols.shape[2:4]
+    ref = F.unfold(x.reshape(6, h, w, 4).permute(0, 3, 1, 2), k, padding=p, stride=s)
+    ref = ref.view(6, 4, k, k, ho, wo).permute(0, 4, 5, 2, 3, 1).reshape(2, 3, ho, wo, -1)
+    assert torch.equal(cols, ref)
+
+    def f(x):
+        return (im2col(x, k, s, p) ** 3).sum()
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    reference_grad = torch.autograd.grad(f(x.requires_grad_()), x)[0]
+    reference_hvp = torch.autograd.functional.hvp(f, x.detach(), v)[1]
+    x = x.detach()
+    torch.testing.assert_close(vmap(grad(f))(x), reference_grad, **TIGHT)
+    torch.testing.assert_close(vmap(lambda x, v: jvp(grad(f), (x,), (v,))[1])(x, v), reference_hvp, **TIGHT)
+    torch.testing.assert_close(vmap(lambda x, v: vjp(grad(f), x)[1](v)[0])(x, v), reference_hvp, **TIGHT)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_im2col_network_equals_native_with_gradients_and_hvps(name):
+    native, fast = make_net(name, "native"), make_net(name, "im2col")
+    zeros = {k: torch.zeros_like(v) for k, v in native.named_parameters()}
+    params = perturbed(dict(native.named_parameters()), 3, 0.3, 1)
+    vector = perturbed(zeros, 3, 1.0, 2)
+    x, y = tasks_for(name)[:2]
+
+    def loss(net):
+        return lambda p, x, y: F.cross_entropy(functional_call(net, p, (x,)), y)
+    for fn in (lambda net: vmap(lambda p, x: functional_call(net, p, (x,)))(params, x),
+               lambda net: vmap(grad(loss(net)))(params, x, y),
+               lambda net: vmap(lambda p, v, x, y: jvp(lambda q: grad(loss(net))(q, x, y), (p,), (v,))[1])(
+                   params, vector, x, y)):
+        torch.testing.assert_close(fn(fast), fn(native), **TIGHT)
+
+
+def test_full_size_models_agree_across_conv_impls():
+    for name, shape in (("omniglot_conv", (1, 28, 28)), ("miniimagenet_conv", (3, 84, 84))):
+        torch.manual_seed(0)
+        native = build_model(name, 5, conv_impl="native").double()
+        fast = build_model(name, 5, conv_impl="im2col").double()
+        fast.load_state_dict(native.state_dict())
+        x = torch.randn(2, *shape, dtype=torch.float64)
+        torch.testing.assert_close(fast(x), native(x), **TIGHT)
+
+
+@pytest.mark.parametrize("name, kind", [("stride", "classification"), ("pool", "classification"),
+                                        ("stride", "regression")])
+def test_fused_gradient_and_hvp_equal_autograd(name, kind):
+    net = make_net(name)
+    model = TaskModel(net, kind)
+    params = perturbed(model.parameters(), 3, 0.3, 1)
+    vector = perturbed({k: torch.zeros_like(v) for k, v in model.parameters().items()}, 3, 1.0, 2)
+    x, y = tasks_for(name, kind)[:2]
+    fused = FusedConvNet(net, kind)
+    batch = fused.prepare(x, y)
+
+    outputs, grads = fused.outputs_and_gradient(fused.to_internal(params), batch)
+    torch.testing.assert_close(outputs, vmap(model.outputs)(params, x), **TIGHT)
+    assert relative_error(fused.from_internal(grads), vmap(grad(model.loss))(params, x, y)) < 1e-9
+    # Scratch memory is reused between calls: another call in between must not leak into results.
+    fused.outputs_and_gradient(fused.to_internal(perturbed(model.parameters(), 3, 0.3, 5)), batch)
+    again = fused.outputs_and_gradient(fused.to_internal(params), batch)
+    torch.testing.assert_close(again[0], outputs, rtol=0, atol=0)
+    for k in grads:
+        torch.testing.assert_close(again[1][k], grads[k], rtol=0, atol=0)
+
+    outputs, hessian = fused.outputs_and_hessian(fused.to_internal(params), batch)
+    torch.testing.assert_close(outputs, vmap(model.outputs)(params, x), **TIGHT)
+    expected = vmap(lambda p, v, x, y: jvp(lambda q: grad(model.loss)(q, x, y), (p,), (v,))[1])(params, vector, x, y)
+    for _ in range(2):  # the cached linearisation must serve any number of products
+        assert relative_error(fused.from_internal(hessian(fused.to_internal(vector))), expected) < 1e-9
+    torch.testing.assert_close(fused.outputs(fused.to_internal(params), fused.prepare(x)),
+                               vmap(model.outputs)(params, x), **TIGHT)
+
+
+def test_fused_is_only_used_where_it_applies():
+    assert FusedConvNet.supports(make_net("stride"), "classification")
+    assert not FusedConvNet.supports(ConvNet(1, 8, 4, 3, blocks=2, stride=2, activation="tanh"), "classification")
+    assert TaskModel(build_model("sinusoid_mlp", 1), "regression").fused is None
+
+
+@pytest.mark.parametrize("algorithm, inner", [("imaml", GradientDescent(3, 0.2)), ("fomaml", GradientDescent(3, 0.2)),
+                                              ("reptile", GradientDescent(3, 0.2)), ("imaml", NewtonCG(2, 3))])
+@pytest.mark.parametrize("name", NETS)
+def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name):
+    model = TaskModel(make_net(name), "classification")
+    theta = perturbed(model.parameters(), 1, 0.3, 1)
+    theta = {k: v[0] for k, v in theta.items()}
+    tasks = tasks_for(name)
+    kwargs = dict(algorithm=algorithm, inner=inner, lam=2.0, cg_steps=4)
+    reference, reference_metrics = MetaLearner(model, vectorize=False, hvp_mode="forward_over_reverse",
+                                               **kwargs).meta_gradient(theta, tasks)
+    for options in (dict(fused=True), dict(fused=False, hvp_mode="reverse_over_reverse"),
+                    dict(fused=False, hvp_mode="forward_over_reverse")):
+        grads, metrics = MetaLearner(model, **options, **kwargs).meta_gradient(theta, tasks)
+        assert relative_error(grads, reference) < 1e-9, options
+        assert metrics.keys() == reference_metrics.keys()
+        for k in reference_metrics:
+            torch.testing.assert_close(metrics[k], reference_metrics[k], **TIGHT)
+    phi, _ = MetaLearner(model, fused=True, **kwargs).adapt(theta, tasks)
+    reference_phi, _ = MetaLearner(model, vectorize=False, **kwargs).adapt(theta, tasks)
+    assert relative_error(phi, reference_phi) < 1e-9
+
+
+def test_batched_gradient_descent_equals_the_per_task_solver():
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    theta = {"w": torch.randn(5, generator=g, dtype=torch.float64)}
+    solver = GradientDescent(4, 0.3)
+    batched = solver.batched(lambda p: {"w": 2 * (p["w"] - targets) ** 3}, theta, 0.7, 3)
+    per_task = vmap(lambda t: solver(lambda p: ((p["w"] - t) ** 4).sum() / 2, theta, 0.7))(targets)
+    torch.testing.assert_close(batched["w"], per_task["w"], **TIGHT)
+
+
+def test_batched_cg_equals_cg_under_vmap():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, 8, generator=g, dtype=torch.float64)
+    a = a @ a.transpose(1, 2) + torch.eye(8, dtype=torch.float64)
+    b = {"x": torch.randn(4, 2, generator=g, dtype=torch.float64),
+         "y": torch.randn(4, 2, 3, generator=g, dtype=torch.float64)}
+
+    def matvec(a, v):  # one system, or one per entry of a leading task dimension
+        flat = torch.cat([v["x"], v["y"].flatten(-2)], -1)
+        out = (a @ flat.unsqueeze(-1)).squeeze(-1)
+        return {"x": out[..., :2], "y": out[..., 2:].unflatten(-1, (2, 3))}
+
+    batched, residual = conjugate_gradient(lambda v: matvec(a, v), b, 5, batch_dims=1)
+    single, single_residual = vmap(lambda a, b: conjugate_gradient(lambda v: matvec(a, v), b, 5))(a, b)
+    for k in b:
+        torch.testing.assert_close(batched[k], single[k], **TIGHT)
+    torch.testing.assert_close(residual, single_residual, **TIGHT)
+
+
+def test_cached_reverse_over_reverse_products_equal_forward_over_reverse():
+    net = make_net("stride")
+    model = TaskModel(net, "classification")
+    params = {k: v[0] for k, v in perturbed(model.parameters(), 1, 0.3, 1).items()}
+    x, y = [t[0] for t in tasks_for("stride")[:2]]
+    loss = lambda p: model.loss(p, x, y)  # noqa: E731
+    cached = hessian_operator(loss, params, "reverse_over_reverse")
+    fresh = hessian_operator(loss, params, "forward_over_reverse")
+    for seed in range(2):
+        v = {k: v[0] for k, v in perturbed({k: torch.zeros_like(v) for k, v in params.items()}, 1, 1.0, seed).items()}
+        assert relative_error(cached(v), fresh(v)) < 1e-9
+
+
+def test_native_convolution_refuses_cached_products_under_vmap():
+    model = TaskModel(ConvNet(1, 8, 4, 3, blocks=2, stride=2, conv_impl="native"), "classification")
+    with pytest.raises(ValueError, match="forward_over_reverse"):
+        MetaLearner(model, "imaml", GradientDescent(1, 0.1), hvp_mode="reverse_over_reverse", fused=False)
+    with pytest.raises(ValueError, match="forward_over_reverse"):
+        MetaLearner(model, "imaml", NewtonCG(1, 2, "reverse_over_reverse"))
+    MetaLearner(model, "imaml", GradientDescent(1, 0.1), hvp_mode="forward_over_reverse", fused=False)
+    MetaLearner(model, "imaml", GradientDescent(1, 0.1))  # the fused products need no autograd
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="bf16 products need oneDNN")
+def test_bf16_products_stay_within_bfloat16_precision_and_restore_settings():
+    # A bf16 product rounds its inputs to 8 significant bits (relative error up to 2^-9 = 2e-3 per
+    # entry); a gradient or Hessian-vector product chains a dozen of them, so 3e-2 is a loose
+    # bound that a wrong result (order 1) cannot meet. Per operation, because the meta-gradient
+    # after many inner steps amplifies any rounding (BENCHMARKS.md measures both on real shapes).
+    net = ConvNet(1, 9, 8, 3, blocks=3, stride=2)
+    fused = FusedConvNet(net, "classification")
+    params = fused.to_internal(perturbed(TaskModel(net, "classification").parameters(), 3, 0.1, 1))
+    vector = {k: torch.randn_like(v) for k, v in params.items()}
+    x, y = tasks_for("stride", images=6)[:2]
+    batch = fused.prepare(x.float(), y)
+    results = {}
+    for precision in ("ieee", "bf16"):
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        with matmul_precision(precision, torch.device("cpu")):
+            results[precision] = (fused.outputs_and_gradient(params, batch)[1],
+                                  fused.outputs_and_hessian(params, batch)[1](vector))
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    for exact, fast in zip(results["ieee"], results["bf16"]):
+        assert relative_error(fast, exact) < 3e-2
+    with pytest.raises(ValueError, match="precision"):
+        MetaLearner(TaskModel(net, "classification"), "imaml", GradientDescent(1, 0.1), precision="fp8")
+    with pytest.raises(ValueError, match="not available"):
+        with matmul_precision("tf32", torch.device("cpu")):
+            pass
