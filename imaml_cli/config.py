@@ -57,6 +57,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset.cache_dir": _optional_str(),
     "model.name": _choice(*MODELS),
     "model.activation": _choice("relu", "softplus", "tanh"),
+    "model.conv_impl": _choice("im2col", "native"),
     "algorithm.name": _choice(*ALGORITHMS),
     "algorithm.lam": _number(0, inclusive=False),
     "inner_solver.name": _choice("gd", "hf"),
@@ -84,7 +85,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.seed": _int(0),
     "eval.batch_size": _int(1),
     "perf.vectorize": _bool(),
+    "perf.fused": _bool(),
     "perf.hvp": _choice("forward_over_reverse", "reverse_over_reverse"),
+    "perf.precision": _choice("ieee", "bf16", "tf32"),
 }
 
 # Keys that only one entry point has.
@@ -143,6 +146,10 @@ def _check_combinations(c: dict[str, Any]) -> None:
     if c["algorithm.name"] != "imaml" and c["inner_solver.name"] != "gd":
         raise UserError(f"algorithm={c['algorithm.name']} adapts by gradient descent; "
                         "use inner_solver=gd (hf is for imaml)")
+    if (c["perf.hvp"] == "reverse_over_reverse" and c["model.conv_impl"] == "native" and c["perf.vectorize"]
+            and dataset != "sinusoid"):
+        raise UserError("perf.hvp=reverse_over_reverse cannot run with model.conv_impl=native under vmap "
+                        "(batch norm's double backward); use model.conv_impl=im2col or perf.hvp=forward_over_reverse")
     if c["dataset.download"] and dataset == "miniimagenet":
         raise UserError("dataset.download=true is not possible for miniimagenet (no official download); "
                         "set dataset.download=false and put the data under dataset.root")

@@ -66,6 +66,9 @@ def test_data_root_defaults_to_the_environment_variable(monkeypatch, tmp_path):
     ("+train.lerning_rate=1", "unknown config key 'train.lerning_rate'"),
     ("algorithm=maml inner_solver=hf", "algorithm=maml adapts by gradient descent; use inner_solver=gd"),
     ("dataset=miniimagenet", "model=omniglot_conv is built for omniglot inputs but dataset=miniimagenet"),
+    ("perf.precision=fp8", "perf.precision='fp8' is invalid: expected one of ieee, bf16, tf32"),
+    ("model.conv_impl=winograd", "model.conv_impl='winograd' is invalid"),
+    ("model.conv_impl=native", "perf.hvp=reverse_over_reverse cannot run with model.conv_impl=native"),
 ])
 def test_bad_values_get_one_line_naming_the_key(override, message):
     with pytest.raises(UserError) as error:
@@ -77,3 +80,15 @@ def test_bad_values_get_one_line_naming_the_key(override, message):
 def test_a_resolved_config_round_trips_through_yaml():
     config = validate(compose(["experiment=sinusoid"]))
     assert validate(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(config)))) == config
+
+
+def test_precision_must_exist_on_the_device():
+    import torch
+
+    from imaml_cli.engine.components import build_learner, build_network
+
+    config = validate(compose(["experiment=sinusoid", "perf.precision=tf32"]))
+    with pytest.raises(UserError, match="perf.precision=tf32 is not available on cpu; use one of ieee, bf16"):
+        build_learner(config, build_network(config, torch.device("cpu")), torch.device("cpu"))
+    config = validate(compose(["experiment=sinusoid", "perf.precision=bf16"]))
+    assert build_learner(config, build_network(config, torch.device("cpu")), torch.device("cpu")).precision == "bf16"

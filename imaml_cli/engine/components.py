@@ -6,6 +6,7 @@ from imaml_cli.data import make_episode_source
 from imaml_cli.errors import UserError
 from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.inner import GradientDescent, NewtonCG
+from imaml_cli.meta.precision import SUPPORTED
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.models import build_model
 
@@ -26,12 +27,17 @@ def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     """The network with its initial parameters, drawn from ``train.seed``."""
     outputs = 1 if task_kind(config) == "regression" else config["dataset"]["ways"]
     torch.manual_seed(config["train"]["seed"])
-    return build_model(config["model"]["name"], outputs, config["model"]["activation"]).to(device)
+    model = config["model"]
+    return build_model(model["name"], outputs, model["activation"], model["conv_impl"]).to(device)
 
 
-def build_learner(config: dict, network: torch.nn.Module) -> MetaLearner:
+def build_learner(config: dict, network: torch.nn.Module, device: torch.device) -> MetaLearner:
     inner_cfg = config["inner_solver"]
-    hvp = config["perf"]["hvp"]
+    perf = config["perf"]
+    if perf["precision"] not in SUPPORTED.get(device.type, ("ieee",)):
+        raise UserError(f"perf.precision={perf['precision']} is not available on {device.type}; "
+                        f"use one of {', '.join(SUPPORTED.get(device.type, ('ieee',)))}")
+    hvp = perf["hvp"]
     if inner_cfg["name"] == "gd":
         inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"])
     else:
@@ -39,7 +45,7 @@ def build_learner(config: dict, network: torch.nn.Module) -> MetaLearner:
     return MetaLearner(TaskModel(network, task_kind(config)), config["algorithm"]["name"], inner,
                        lam=config["algorithm"]["lam"], cg_steps=config["cg"]["steps"],
                        cg_damping=config["cg"]["damping"], hvp_mode=hvp,
-                       vectorize=config["perf"]["vectorize"])
+                       vectorize=perf["vectorize"], fused=perf["fused"], precision=perf["precision"])
 
 
 def build_optimizer(config: dict, parameters) -> torch.optim.Optimizer:

@@ -140,7 +140,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                          "resume only with the same dataset, ways and model")
 
     network = components.build_network(config, device)
-    learner = components.build_learner(config, network)
+    learner = components.build_learner(config, network, device)
     params = dict(network.named_parameters())
     optimizer = components.build_optimizer(config, params.values())
     generator = torch.Generator().manual_seed(tcfg["seed"])
