@@ -46,7 +46,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) ->
     try:
         network = components.build_network(config, world.device)
         load_params(network, state, path)
-        learner = components.build_learner(config, network, device)
+        learner = components.build_learner(config, network, world.device)
         ecfg = config["eval"]
         source = world.main_first(lambda: components.build_source(config, ecfg["split"], world.device))
         result = evaluate(learner, dict(network.named_parameters()), source, episodes=ecfg["episodes"],
