@@ -12,7 +12,7 @@ root=${1:?Omniglot folder}
 steps=${2:-600}
 out=${3:-outputs/omniglot_cpu}
 common=(experiment=omniglot_5w1s "dataset.root=$root" dataset.download=false device=cpu
-        "train.meta_steps=$steps" train.val_every=100 train.val_episodes=200 train.checkpoint_every=100
+        "train.meta_steps=$steps" train.val_every=50 train.val_episodes=100 train.checkpoint_every=50
         train.progress=false eval.episodes=600 "${@:4}")
 for algorithm in imaml maml fomaml; do
   start=$(date +%s)
