@@ -118,7 +118,7 @@ def test_fused_gradient_and_hvp_equal_autograd(name, kind):
     vector = perturbed({k: torch.zeros_like(v) for k, v in model.parameters().items()}, 3, 1.0, 2)
     x, y = tasks_for(name, kind)[:2]
     fused = FusedConvNet(net, kind)
-    batch = fused.prepare(x, y)
+    batch = fused.prepare(x, y, reuse=True)
 
     outputs, grads = fused.outputs_and_gradient(fused.to_internal(params), batch)
     torch.testing.assert_close(outputs, vmap(model.outputs)(params, x), **TIGHT)

@@ -175,7 +175,7 @@ class MetaLearner:
         """φ per task ``[T, ...]``: the inner solver on each task's proximal support loss."""
         fused = self._fused_model()
         if fused is not None:
-            data = fused.prepare(support_x, support_y)
+            data = fused.prepare(support_x, support_y, reuse=True)
             phi = self.inner.batched(lambda p: fused.outputs_and_gradient(p, data)[1], fused.to_internal(theta),
                                      self.inner_lam, len(support_x))
             return fused.from_internal(phi)
@@ -209,7 +209,7 @@ class MetaLearner:
 
     def _fused_meta_gradient(self, fused, theta: Params, tasks: Tasks):
         """The per-task meta-gradients and the metrics, all tasks at once through ``fused``."""
-        support = fused.prepare(tasks.support_x, tasks.support_y)
+        support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
         theta_i = fused.to_internal(theta)
         known = {}
 

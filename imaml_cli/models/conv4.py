@@ -15,11 +15,14 @@ Two implementations of the same function with the same parameters (``conv_impl``
 - ``native``: ``F.conv2d`` and ``F.batch_norm`` on NCHW images. Under ``vmap`` with per-task
   weights the convolution becomes a grouped convolution over the tasks.
 - ``im2col`` (default): channels-last activations, patches gathered once per layer and multiplied
-  by the kernel as a matrix, so that ``vmap`` makes one batched matrix product over the tasks
-  (about 2x faster per meta-step on a 2-core CPU, see BENCHMARKS.md). When the patches are
-  narrower than the layer (the first layer: 9 or 27 values per patch), batch norm is folded into
-  that product: the output's mean and variance per channel follow from the patches' own mean and
-  covariance, which saves several passes over the largest activation of the network.
+  by the kernel as a matrix, so that ``vmap`` makes one batched matrix product over the tasks.
+  Under ``vmap`` alone it runs about as fast as ``native`` (BENCHMARKS.md), but its double
+  backward works under ``vmap`` (``F.batch_norm``'s does not), which the cached
+  reverse-over-reverse Hessian-vector products need, and it is the layout of the hand-written
+  passes in ``models/fused.py``. When the patches are narrower than the layer (the first layer:
+  9 or 27 values per patch), batch norm is folded into that product: the output's mean and
+  variance per channel follow from the patches' own mean and covariance, which saves several
+  passes over the largest activation of the network.
 """
 
 import torch

@@ -10,7 +10,9 @@ the batch dimension of plain tensors, and:
   batch norm is folded into the patch product (the output's mean and variance per channel are
   ``mean(P)·w`` and ``wᵀ cov(P) w``), so nothing of the size of its output is normalised, and its
   backward pass needs one product ``dyᵀ P`` (with a column of ones, which also gives ``Σ dy``);
-- weights stay in the layout of the patch products throughout (``to_internal``);
+- weights stay in the layout of the patch products throughout (``to_internal``), and the
+  repeated passes over one support set write their large intermediates into the same memory
+  each time (``prepare(..., reuse=True)``);
 - ``outputs_and_hessian`` runs the forward and backward pass at φ once and keeps what the products
   need; each product is then the tangent of that computation (forward-over-reverse, written out),
   with no forward or backward pass at φ repeated — the linearisation is reused across CG steps,
@@ -37,23 +39,11 @@ from imaml_cli.models.im2col import _gather, _scatter
 Params = dict[str, torch.Tensor]
 
 
-@dataclass
-class Batch:
-    """What the network needs of a batch of images (and targets), computed once."""
-
-    patches: torch.Tensor  # [T, M, K + 1]: the first layer's patches and a column of ones
-    mean: torch.Tensor  # [T, K]: the patches' mean
-    covariance: torch.Tensor  # [T, K, K]: their covariance (normalised by M)
-    targets: torch.Tensor | None  # [T, N, outputs]: one-hot classes, or regression targets
-    images: int  # N
-    size: tuple[int, int]  # the first layer's output height and width
-
-
 class _Workspace:
-    """Output tensors reused by the calls that repeat with the same shapes (the inner loop's
-    gradients, CG's products). Freshly allocated, the widest products and patch copies ran about
-    twice as slowly inside a meta-step as on their own: their memory is touched for the first time
-    page by page. Not for anything a call returns or keeps."""
+    """Output tensors reused by the passes that repeat over one batch (the inner loop's gradients,
+    CG's products). Freshly allocated, the widest products and patch copies ran about twice as
+    slowly inside a meta-step as on their own: their memory is touched for the first time page by
+    page. Not for anything a call returns or keeps; freed with the batch."""
 
     def __init__(self):
         self._tensors: dict[tuple, torch.Tensor] = {}
@@ -78,11 +68,24 @@ def _buffers(workspace: _Workspace | None, prefix: str, like: torch.Tensor):
     return lambda name, shape: workspace.get(f"{prefix}.{name}", shape, like)
 
 
+@dataclass
+class Batch:
+    """What the network needs of a batch of images (and targets), computed once."""
+
+    patches: torch.Tensor  # [T, M, K + 1]: the first layer's patches and a column of ones
+    mean: torch.Tensor  # [T, K]: the patches' mean
+    covariance: torch.Tensor  # [T, K, K]: their covariance (normalised by M)
+    targets: torch.Tensor | None  # [T, N, outputs]: one-hot classes, or regression targets
+    images: int  # N
+    size: tuple[int, int]  # the first layer's output height and width
+    workspace: _Workspace | None  # scratch memory for repeated passes over this batch, if any
+
+
 class FusedConvNet:
     """Per-task losses, gradients and Hessian-vector products of a ReLU ``ConvNet``, for
     parameters batched over tasks (``[T, ...]``, in the layout of ``to_internal``).
 
-    Keeps reusable scratch memory between calls, so one instance serves one thread at a time.
+    A batch prepared with ``reuse=True`` carries scratch memory, so serves one thread at a time.
     """
 
     def __init__(self, network: ConvNet, kind: str):
@@ -100,7 +103,6 @@ class FusedConvNet:
         self.channels = network.features[-1].conv.out_channels
         self.num_outputs = network.head.out_features
         self.final_size = math.isqrt(network.head.in_features // self.channels)
-        self._workspace = _Workspace()
 
     @staticmethod
     def supports(network, kind: str) -> bool:
@@ -136,9 +138,10 @@ class FusedConvNet:
                               .reshape(w.shape).contiguous())
         return out
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Batch:
+    def prepare(self, x: torch.Tensor, y: torch.Tensor | None = None, reuse: bool = False) -> Batch:
         """``x`` ``[T, N, C, H, W]``; ``y`` ``[T, N]`` classes or ``[T, N, outputs]`` targets, or
-        None when only ``outputs`` is wanted."""
+        None when only ``outputs`` is wanted. ``reuse``: keep scratch memory for the many passes
+        that will follow over this batch (it lives as long as the batch)."""
         first = self.blocks[0]
         patches = _gather(x.movedim(2, -1), first["kernel"], first["stride"], first["padding"])
         t, n, ho, wo, k = patches.shape
@@ -153,7 +156,7 @@ class FusedConvNet:
         else:
             targets = y.to(x.dtype)
         patches = torch.cat([patches, patches.new_ones(t, n * ho * wo, 1)], 2)
-        return Batch(patches, mean, covariance, targets, n, (ho, wo))
+        return Batch(patches, mean, covariance, targets, n, (ho, wo), _Workspace() if reuse else None)
 
     def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
         """The network's outputs ``[T, N, outputs]``."""
@@ -161,9 +164,9 @@ class FusedConvNet:
 
     def outputs_and_gradient(self, params: Params, batch: Batch) -> tuple[torch.Tensor, Params]:
         """The outputs ``[T, N, outputs]`` and the per-task loss gradients."""
-        logits, cache = self._forward(params, batch, self._workspace)
+        logits, cache = self._forward(params, batch, batch.workspace)
         d_logits = self._loss_derivative(logits, batch, cache)
-        return logits, self._backward(params, batch, d_logits, cache, keep=False, workspace=self._workspace)
+        return logits, self._backward(params, batch, d_logits, cache, keep=False, workspace=batch.workspace)
 
     def outputs_and_hessian(self, params: Params, batch: Batch) -> tuple[torch.Tensor, Callable[[Params], Params]]:
         """The outputs, and v ↦ ∇²L(params)·v per task for many v: the passes at ``params`` run
@@ -175,7 +178,7 @@ class FusedConvNet:
         # mask is 1.5x faster than threshold_backward and 5x faster than by a bool mask on CPU.
         for layer in cache["layers"]:
             layer["mask"] = (layer["out"] > 0).to(layer["out"].dtype)
-        return logits, lambda vector: self._hessian_vector_product(params, batch, cache, vector, self._workspace)
+        return logits, lambda vector: self._hessian_vector_product(params, batch, cache, vector, batch.workspace)
 
     def _loss_derivative(self, logits, batch: Batch, cache) -> torch.Tensor:
         """∂L/∂outputs of the mean cross-entropy or squared error per task."""
