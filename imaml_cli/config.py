@@ -66,6 +66,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_solver.cg_steps": _int(1),
     "cg.steps": _int(1),
     "cg.damping": _number(0, inclusive=True),
+    "cg.stop_at_negative_curvature": _bool(),
     "outer_optimizer.name": _choice("adam", "sgd"),
     "outer_optimizer.lr": _number(0, inclusive=False),
     "outer_optimizer.weight_decay": _number(0, inclusive=True),

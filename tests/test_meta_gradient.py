@@ -21,8 +21,9 @@ def linear_regression_tasks(tasks, n_support, n_query, dim, generator):
                  xq, xq @ w)
 
 
+@pytest.mark.parametrize("stop_at_negative_curvature", [True, False], ids=["truncated_cg", "plain_cg"])
 @pytest.mark.parametrize("n_support", [20, 3], ids=["full_rank", "rank_deficient"])
-def test_imaml_matches_closed_form_on_linear_regression(n_support):
+def test_imaml_matches_closed_form_on_linear_regression(n_support, stop_at_negative_curvature):
     """Inner problem min ½‖Xφ−y‖²·2/n + λ/2‖φ−θ‖²: φ* = (A+λI)⁻¹(b+λθ), dφ*/dθ = λ(A+λI)⁻¹."""
     g = torch.Generator().manual_seed(0)
     dim, lam = 8, 0.7
@@ -30,7 +31,8 @@ def test_imaml_matches_closed_form_on_linear_regression(n_support):
     model = TaskModel(net, "regression")
     tasks = linear_regression_tasks(3, n_support, 10, dim, g)
     theta = {"weight": torch.randn(1, dim, generator=g, dtype=torch.float64)}
-    learner = MetaLearner(model, "imaml", NewtonCG(steps=2, cg_steps=dim + 2), lam=lam, cg_steps=dim)
+    learner = MetaLearner(model, "imaml", NewtonCG(steps=2, cg_steps=dim + 2), lam=lam, cg_steps=dim,
+                          cg_stop_at_negative_curvature=stop_at_negative_curvature)
 
     meta_grad, metrics = learner.meta_gradient(theta, tasks)
 
@@ -90,6 +92,49 @@ def test_imaml_matches_finite_differences_of_the_meta_objective():
                    - meta_objective(tree.add(theta, direction, -eps))) / (2 * eps)
         analytic = tree.dot(meta_grad, direction)
         torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+def flatten(params):
+    return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def unflatten(flat, like):
+    sizes = [v.numel() for v in like.values()]
+    return {k: part.reshape(v.shape) for (k, v), part in zip(like.items(), flat.split(sizes))}
+
+
+def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negative_curvature():
+    """Away from the inner minimum (one GD step, a small λ) I + H/λ is indefinite. CG stopped at
+    the first direction with pᵀAp ≤ 0 returns the solution of A x = b restricted to the largest
+    Krylov space span{b, Ab, …} on which A is still positive definite: computed here densely from
+    the full Hessian and an orthonormal Krylov basis."""
+    g = torch.Generator().manual_seed(3)
+    model = TaskModel(smooth_classifier(), "classification")
+    theta = model.parameters()
+    tasks = Tasks(*(t[:1] for t in classification_tasks(1, 6, 3, 3, g)))
+    inner, lam = GradientDescent(steps=1, lr=0.5), 0.1
+    phi, _ = MetaLearner(model, "imaml", inner, lam=lam).adapt(theta, tasks)
+    phi = {k: v[0] for k, v in phi.items()}
+    b = flatten(torch.func.grad(model.loss)(phi, tasks.query_x[0], tasks.query_y[0]))
+    hessian = torch.func.hessian(lambda flat: model.loss(unflatten(flat, phi), tasks.support_x[0],
+                                                         tasks.support_y[0]))(flatten(phi))
+    matrix = torch.eye(len(b), dtype=b.dtype) + hessian / lam
+    assert torch.linalg.eigvalsh(matrix)[0] < 0
+
+    krylov = [b]
+    while True:
+        basis = torch.linalg.qr(torch.stack(krylov, 1)).Q
+        if torch.linalg.eigvalsh(basis.T @ matrix @ basis)[0] <= 0:
+            break
+        krylov.append(matrix @ krylov[-1])
+    assert len(krylov) >= 3, "the test should stop CG after a few steps, not at the first"
+    basis = torch.linalg.qr(torch.stack(krylov[:-1], 1)).Q
+    expected = basis @ torch.linalg.solve(basis.T @ matrix @ basis, basis.T @ b)
+
+    learner = MetaLearner(model, "imaml", inner, lam=lam, cg_steps=len(b), cg_stop_at_negative_curvature=True)
+    torch.testing.assert_close(flatten(learner.meta_gradient(theta, tasks)[0]), expected, rtol=1e-6, atol=1e-9)
+    plain = MetaLearner(model, "imaml", inner, lam=lam, cg_steps=len(b), cg_stop_at_negative_curvature=False)
+    assert not torch.allclose(flatten(plain.meta_gradient(theta, tasks)[0]), expected, rtol=1e-3)
 
 
 def small_convnet():

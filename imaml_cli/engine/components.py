@@ -44,7 +44,8 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
         inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp)
     return MetaLearner(TaskModel(network, task_kind(config)), config["algorithm"]["name"], inner,
                        lam=config["algorithm"]["lam"], cg_steps=config["cg"]["steps"],
-                       cg_damping=config["cg"]["damping"], hvp_mode=hvp,
+                       cg_damping=config["cg"]["damping"],
+                       cg_stop_at_negative_curvature=config["cg"]["stop_at_negative_curvature"], hvp_mode=hvp,
                        vectorize=perf["vectorize"], fused=perf["fused"], precision=perf["precision"])
 
 
