@@ -63,6 +63,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_solver.name": _choice("gd", "hf"),
     "inner_solver.steps": _int(1),
     "inner_solver.lr": _number(0, inclusive=False),
+    "inner_solver.backtrack": _bool(),
     "inner_solver.cg_steps": _int(1),
     "cg.steps": _int(1),
     "cg.damping": _number(0, inclusive=True),

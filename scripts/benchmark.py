@@ -60,7 +60,7 @@ def make_tasks(case: dict, device, dtype=None):
     """Random inputs of the case's shapes (a fixed seed)."""
     import torch
 
-    from imaml_cli.meta.algorithms import Tasks
+    from imaml_cli.data import TaskBatch
 
     dtype = dtype or torch.float32
     g = torch.Generator().manual_seed(0)
@@ -77,7 +77,7 @@ def make_tasks(case: dict, device, dtype=None):
             return (torch.randn(t, n * k, *shape, generator=g),
                     torch.arange(n).repeat_interleave(k).expand(t, -1).contiguous())
         support, query = draw(case["shots"]), draw(case["queries"])
-    return Tasks(*(x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in (*support, *query)))
+    return TaskBatch(*(x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in (*support, *query)))
 
 
 def make_learner(case: dict, method: str, options: dict, device, dtype=None):
@@ -162,7 +162,7 @@ def run_accuracy(spec: dict) -> dict:
     import torch
 
     from imaml_cli.meta import tree
-    from imaml_cli.meta.algorithms import Tasks
+    from imaml_cli.data import TaskBatch
     from imaml_cli.meta.precision import matmul_precision
 
     if spec.get("threads"):
@@ -181,8 +181,8 @@ def run_accuracy(spec: dict) -> dict:
 
         source = make_episode_source("omniglot", "train", root=OMNIGLOT, ways=case["ways"], shots=case["shots"],
                                      queries=case["queries"], device="cpu")
-        tasks = Tasks(*source.sample(case["tasks"], torch.Generator().manual_seed(0)))
-    tasks64 = Tasks(*(x.double() if x.is_floating_point() else x for x in tasks))
+        tasks = source.sample(case["tasks"], torch.Generator().manual_seed(0))
+    tasks64 = TaskBatch(*(x.double() if x.is_floating_point() else x for x in tasks))
     exact = learner(torch.float64)
     theta64 = exact.model.parameters()
     theta = {k: v.float() for k, v in theta64.items()}

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
+from imaml_cli.data import TaskBatch
 from imaml_cli.meta import tree
-from imaml_cli.meta.algorithms import MetaLearner, Tasks
+from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.inner import GradientDescent, NewtonCG, proximal
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.models import ConvNet, MLP
@@ -17,7 +18,7 @@ def linear_regression_tasks(tasks, n_support, n_query, dim, generator):
         return torch.randn(tasks, n, dim, generator=generator, dtype=torch.float64)
     xs, xq = draw(n_support), draw(n_query)
     w = torch.randn(tasks, dim, 1, generator=generator, dtype=torch.float64)
-    return Tasks(xs, xs @ w + 0.1 * torch.randn(tasks, n_support, 1, generator=generator, dtype=torch.float64),
+    return TaskBatch(xs, xs @ w + 0.1 * torch.randn(tasks, n_support, 1, generator=generator, dtype=torch.float64),
                  xq, xq @ w)
 
 
@@ -59,7 +60,7 @@ def classification_tasks(tasks, n, dim, classes, generator):
     def draw():
         return (torch.randn(tasks, n, dim, generator=generator, dtype=torch.float64),
                 torch.randint(classes, (tasks, n), generator=generator))
-    return Tasks(*draw(), *draw())
+    return TaskBatch(*draw(), *draw())
 
 
 def test_imaml_matches_finite_differences_of_the_meta_objective():
@@ -111,7 +112,7 @@ def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negati
     g = torch.Generator().manual_seed(3)
     model = TaskModel(smooth_classifier(), "classification")
     theta = model.parameters()
-    tasks = Tasks(*(t[:1] for t in classification_tasks(1, 6, 3, 3, g)))
+    tasks = TaskBatch(*(t[:1] for t in classification_tasks(1, 6, 3, 3, g)))
     inner, lam = GradientDescent(steps=1, lr=0.5), 0.1
     phi, _ = MetaLearner(model, "imaml", inner, lam=lam).adapt(theta, tasks)
     phi = {k: v[0] for k, v in phi.items()}
@@ -132,7 +133,9 @@ def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negati
     expected = basis @ torch.linalg.solve(basis.T @ matrix @ basis, basis.T @ b)
 
     learner = MetaLearner(model, "imaml", inner, lam=lam, cg_steps=len(b), cg_stop_at_negative_curvature=True)
-    torch.testing.assert_close(flatten(learner.meta_gradient(theta, tasks)[0]), expected, rtol=1e-6, atol=1e-9)
+    meta_grad, metrics = learner.meta_gradient(theta, tasks)
+    torch.testing.assert_close(flatten(meta_grad), expected, rtol=1e-6, atol=1e-9)
+    assert metrics["cg_steps"].item() == len(krylov) - 1
     plain = MetaLearner(model, "imaml", inner, lam=lam, cg_steps=len(b), cg_stop_at_negative_curvature=False)
     assert not torch.allclose(flatten(plain.meta_gradient(theta, tasks)[0]), expected, rtol=1e-3)
 
@@ -143,7 +146,7 @@ def small_convnet():
 
 
 def image_tasks(tasks, generator):
-    return Tasks(torch.randn(tasks, 6, 1, 8, 8, generator=generator, dtype=torch.float64),
+    return TaskBatch(torch.randn(tasks, 6, 1, 8, 8, generator=generator, dtype=torch.float64),
                  torch.arange(3).repeat(tasks, 2),
                  torch.randn(tasks, 6, 1, 8, 8, generator=generator, dtype=torch.float64),
                  torch.arange(3).repeat(tasks, 2))
@@ -181,7 +184,7 @@ def relative_error(a, b):
 def test_batched_equals_per_task_loop(algorithm, inner):
     g = torch.Generator().manual_seed(3)
     net = ConvNet(1, 8, 4, 3, blocks=2, stride=2)
-    tasks = Tasks(*(t.float() if t.is_floating_point() else t for t in image_tasks(4, g)))
+    tasks = TaskBatch(*(t.float() if t.is_floating_point() else t for t in image_tasks(4, g)))
     model = TaskModel(net, "classification")
     kwargs = dict(algorithm=algorithm, inner=inner, lam=1.0, cg_steps=3)
     batched, batched_metrics = MetaLearner(model, **kwargs).meta_gradient(model.parameters(), tasks)
@@ -208,6 +211,48 @@ def test_reptile_and_fomaml_are_what_they_claim():
         torch.testing.assert_close(fomaml[k], (query_grads[0][k] + query_grads[1][k]) / 2)
 
 
+def quadratic_tasks(generator, tasks=3, dim=6, top=10.0):
+    """Losses ½φᵀAφ − bᵀφ with A's eigenvalues spread over [0.5, top], and θ."""
+    q = torch.linalg.qr(torch.randn(tasks, dim, dim, generator=generator, dtype=torch.float64)).Q
+    a = q @ torch.diag_embed(torch.linspace(0.5, top, dim, dtype=torch.float64).expand(tasks, dim)) @ q.transpose(1, 2)
+    b = torch.randn(tasks, dim, generator=generator, dtype=torch.float64)
+    theta = {"w": torch.randn(dim, generator=generator, dtype=torch.float64)}
+    return a, b, theta
+
+
+def quadratic_loss(a, b):
+    return lambda p: 0.5 * p["w"] @ a @ p["w"] - b @ p["w"]
+
+
+def test_backtracking_gradient_descent_reaches_the_minimum_where_plain_gd_diverges():
+    a, b, theta = quadratic_tasks(torch.Generator().manual_seed(4))
+    lam, lr = 2.0, 1.0  # lr·(10 + λ) = 12 > 2: plain GD diverges along the top eigenvector
+    expected = torch.linalg.solve(a + lam * torch.eye(6, dtype=torch.float64), b + lam * theta["w"])
+
+    def solve(solver):
+        per_task = vmap(lambda a, b: solver(quadratic_loss(a, b), theta, lam)["w"])(a, b)
+        batched = solver.batched(lambda p: ({"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b},
+                                            vmap(lambda a, b, w: quadratic_loss(a, b)({"w": w}))(a, b, p["w"])),
+                                 theta, lam, 3)
+        return per_task, batched["w"]
+
+    per_task, batched = solve(GradientDescent(60, lr, backtrack=True))
+    torch.testing.assert_close(per_task, expected, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(batched, expected, rtol=1e-8, atol=1e-8)
+    diverged, _ = solve(GradientDescent(60, lr))
+    assert (diverged - expected).norm() > 1e3
+
+
+def test_backtracking_gradient_descent_at_a_safe_step_is_plain_gd_one_step_shorter():
+    """Where every step lowers the objective, ``steps`` evaluations give ``steps - 1`` plain steps."""
+    a, b, theta = quadratic_tasks(torch.Generator().manual_seed(5))
+    lam, lr = 0.5, 0.05
+    backtracking = vmap(lambda a, b: GradientDescent(7, lr, backtrack=True)(quadratic_loss(a, b), theta, lam))(a, b)
+    plain = vmap(lambda a, b: GradientDescent(6, lr)(quadratic_loss(a, b), theta, lam))(a, b)
+    torch.testing.assert_close(backtracking["w"], plain["w"], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(backtracking["w"], theta["w"])
+
+
 def test_newton_cg_beats_gradient_descent_on_an_ill_conditioned_problem_at_equal_compute():
     g = torch.Generator().manual_seed(5)
     dim, n, lam = 20, 40, 1e-3
@@ -216,7 +261,7 @@ def test_newton_cg_beats_gradient_descent_on_an_ill_conditioned_problem_at_equal
     ys = torch.randn(1, n, 1, generator=g, dtype=torch.float64)
     model = TaskModel(nn.Linear(dim, 1, bias=False).double(), "regression")
     theta = {"weight": torch.zeros(1, dim, dtype=torch.float64)}
-    tasks = Tasks(xs, ys, xs, ys)
+    tasks = TaskBatch(xs, ys, xs, ys)
 
     a = 2.0 / n * xs[0].T @ xs[0]
     curvature = torch.linalg.eigvalsh(a).max().item() + lam

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from imaml_cli.data import TaskBatch
 from imaml_cli.meta import tree
-from imaml_cli.meta.algorithms import MetaLearner, Tasks
+from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.cg import conjugate_gradient
 from imaml_cli.meta.hvp import hessian_operator
 from imaml_cli.meta.inner import GradientDescent, NewtonCG
@@ -52,7 +53,7 @@ def tasks_for(name, kind="classification", tasks=3, images=4, seed=0):
         if kind == "classification":
             return x, torch.randint(3, (tasks, images), generator=g)
         return x, torch.randn(tasks, images, 3, generator=g, dtype=torch.float64)
-    return Tasks(*draw(), *draw())
+    return TaskBatch(*draw(), *draw())
 
 
 def perturbed(params, tasks, scale, seed):
@@ -146,7 +147,8 @@ def test_fused_is_only_used_where_it_applies():
 
 
 @pytest.mark.parametrize("algorithm, inner", [("imaml", GradientDescent(3, 0.2)), ("fomaml", GradientDescent(3, 0.2)),
-                                              ("reptile", GradientDescent(3, 0.2)), ("imaml", NewtonCG(2, 3))])
+                                              ("reptile", GradientDescent(3, 0.2)), ("imaml", NewtonCG(2, 3)),
+                                              ("imaml", GradientDescent(5, 3.0, backtrack=True))])
 @pytest.mark.parametrize("name", NETS)
 def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name):
     model = TaskModel(make_net(name), "classification")
@@ -168,12 +170,14 @@ def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name
     assert relative_error(phi, reference_phi) < 1e-9
 
 
-def test_batched_gradient_descent_equals_the_per_task_solver():
+@pytest.mark.parametrize("backtrack", [False, True])
+def test_batched_gradient_descent_equals_the_per_task_solver(backtrack):
     g = torch.Generator().manual_seed(0)
     targets = torch.randn(3, 5, generator=g, dtype=torch.float64)
     theta = {"w": torch.randn(5, generator=g, dtype=torch.float64)}
-    solver = GradientDescent(4, 0.3)
-    batched = solver.batched(lambda p: {"w": 2 * (p["w"] - targets) ** 3}, theta, 0.7, 3)
+    solver = GradientDescent(4, 0.3, backtrack)
+    batched = solver.batched(lambda p: ({"w": 2 * (p["w"] - targets) ** 3}, ((p["w"] - targets) ** 4).sum(-1) / 2),
+                             theta, 0.7, 3)
     per_task = vmap(lambda t: solver(lambda p: ((p["w"] - t) ** 4).sum() / 2, theta, 0.7))(targets)
     torch.testing.assert_close(batched["w"], per_task["w"], **TIGHT)
 
@@ -190,8 +194,8 @@ def test_batched_cg_equals_cg_under_vmap():
         out = (a @ flat.unsqueeze(-1)).squeeze(-1)
         return {"x": out[..., :2], "y": out[..., 2:].unflatten(-1, (2, 3))}
 
-    batched, residual = conjugate_gradient(lambda v: matvec(a, v), b, 5, batch_dims=1)
-    single, single_residual = vmap(lambda a, b: conjugate_gradient(lambda v: matvec(a, v), b, 5))(a, b)
+    batched, residual, _ = conjugate_gradient(lambda v: matvec(a, v), b, 5, batch_dims=1)
+    single, single_residual, _ = vmap(lambda a, b: conjugate_gradient(lambda v: matvec(a, v), b, 5))(a, b)
     for k in b:
         torch.testing.assert_close(batched[k], single[k], **TIGHT)
     torch.testing.assert_close(residual, single_residual, **TIGHT)

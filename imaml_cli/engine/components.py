@@ -39,7 +39,9 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
                         f"use one of {', '.join(SUPPORTED.get(device.type, ('ieee',)))}")
     hvp = perf["hvp"]
     if inner_cfg["name"] == "gd":
-        inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"])
+        # MAML, FOMAML and Reptile take their papers' plain steps (MAML differentiates through them).
+        backtrack = inner_cfg["backtrack"] and config["algorithm"]["name"] == "imaml"
+        inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"], backtrack)
     else:
         inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp)
     return MetaLearner(TaskModel(network, task_kind(config)), config["algorithm"]["name"], inner,

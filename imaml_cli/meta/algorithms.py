@@ -15,11 +15,12 @@ meta-gradient, about twice as fast on CPU (BENCHMARKS.md).
 """
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch.func import grad, vmap
 
+from imaml_cli.data.episodes import TaskBatch
 from imaml_cli.meta import tree
 from imaml_cli.meta.cg import conjugate_gradient
 from imaml_cli.meta.hvp import HVP_MODES, hessian_operator
@@ -29,15 +30,6 @@ from imaml_cli.meta.task import TaskModel
 from imaml_cli.meta.tree import Params
 
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
-
-
-class Tasks(NamedTuple):
-    """Support and query sets of T tasks: inputs ``[T, n, ...]``, targets ``[T, n, ...]``."""
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -104,14 +96,14 @@ class MetaLearner:
         """The proximal weight of the inner problem: iMAML's λ, none for the others."""
         return self.lam if self.algorithm == "imaml" else 0.0
 
-    def adapt(self, theta: Params, tasks: Tasks) -> tuple[Params, dict[str, torch.Tensor]]:
+    def adapt(self, theta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, torch.Tensor]]:
         """Adapted parameters per task ``[T, ...]`` and per-task metrics, without a meta-gradient."""
         theta = tree.detach(theta)
         with self._precision(theta):
             phi = self._adapt(theta, tasks.support_x, tasks.support_y)
             return phi, self.metrics(theta, phi, tasks)
 
-    def meta_gradient(self, theta: Params, tasks: Tasks) -> tuple[Params, dict[str, torch.Tensor]]:
+    def meta_gradient(self, theta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, torch.Tensor]]:
         """The meta-gradient averaged over tasks, with θ's structure, and per-task metrics ``[T]``."""
         theta = tree.detach(theta)
         fused = self._fused_model()
@@ -128,7 +120,7 @@ class MetaLearner:
         metrics.update(extra)
         return {k: v.mean(0) for k, v in grads.items()}, metrics
 
-    def metrics(self, theta: Params, phi: Params, tasks: Tasks) -> dict[str, torch.Tensor]:
+    def metrics(self, theta: Params, phi: Params, tasks: TaskBatch) -> dict[str, torch.Tensor]:
         """Loss (and accuracy) on support and query sets before (θ) and after (φ) adaptation."""
         fused = self._fused_model()
         with torch.no_grad():
@@ -148,7 +140,7 @@ class MetaLearner:
 
             return self._map(one_task, tree.detach(phi), *tasks)
 
-    def _fused_metrics(self, fused, theta, phi, support, query, tasks: Tasks, known: dict):
+    def _fused_metrics(self, fused, theta, phi, support, query, tasks: TaskBatch, known: dict):
         """``metrics`` from the outputs of the fused network; ``known`` holds outputs (named
         stage_split) that the meta-step already computed."""
         params = {"pre": {k: v.expand(len(tasks.support_x), *v.shape) for k, v in theta.items()}, "post": phi}
@@ -182,8 +174,8 @@ class MetaLearner:
         fused = self._fused_model()
         if fused is not None:
             data = fused.prepare(support_x, support_y, reuse=True)
-            phi = self.inner.batched(lambda p: fused.outputs_and_gradient(p, data)[1], fused.to_internal(theta),
-                                     self.inner_lam, len(support_x))
+            phi = self.inner.batched(lambda p: self._fused_gradient_and_loss(fused, p, data, support_y),
+                                     fused.to_internal(theta), self.inner_lam, len(support_x))
             return fused.from_internal(phi)
 
         def one_task(xs, ys):
@@ -191,7 +183,14 @@ class MetaLearner:
 
         return self._map(one_task, support_x, support_y)
 
-    def _outer_gradients(self, theta: Params, phi: Params, tasks: Tasks):
+    def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor, with_outputs=False):
+        """The batched support-loss gradients and the losses ``[T]`` (what ``GradientDescent.batched``
+        takes), and the outputs if asked."""
+        outputs, grads = fused.outputs_and_gradient(params, batch)
+        loss = vmap(self.model.loss_of_outputs)(outputs, targets)
+        return (grads, loss, outputs) if with_outputs else (grads, loss)
+
+    def _outer_gradients(self, theta: Params, phi: Params, tasks: TaskBatch):
         """Per-task meta-gradients ``[T, ...]`` of the first-order algorithms and iMAML, given φ."""
         if self.algorithm == "reptile":
             return tree.add({k: v.expand_as(phi[k]) for k, v in theta.items()}, phi, -1.0), {}
@@ -205,25 +204,26 @@ class MetaLearner:
         return self._solve(hessian, query_grad, batch_dims=0)
 
     def _solve(self, hessian, query_grad: Params, batch_dims: int):
-        """(I + ∇²L̂(φ)/λ + δI)⁻¹ ∇L_test(φ) by CG, and CG's relative residual."""
+        """(I + ∇²L̂(φ)/λ + δI)⁻¹ ∇L_test(φ) by CG, CG's relative residual and its steps taken."""
         def matvec(v):
             return tree.add(v if self.cg_damping == 0 else tree.scale(v, 1.0 + self.cg_damping),
                             hessian(v), 1.0 / self.lam)
 
-        meta_grad, residual = conjugate_gradient(matvec, query_grad, self.cg_steps,
-                                                 self.cg_stop_at_negative_curvature, batch_dims)
-        return meta_grad, {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims))}
+        meta_grad, residual, taken = conjugate_gradient(matvec, query_grad, self.cg_steps,
+                                                        self.cg_stop_at_negative_curvature, batch_dims)
+        return meta_grad, {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims)),
+                           "cg_steps": taken}
 
-    def _fused_meta_gradient(self, fused, theta: Params, tasks: Tasks):
+    def _fused_meta_gradient(self, fused, theta: Params, tasks: TaskBatch):
         """The per-task meta-gradients and the metrics, all tasks at once through ``fused``."""
         support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
         theta_i = fused.to_internal(theta)
         known = {}
 
         def gradient(params):
-            outputs, grads = fused.outputs_and_gradient(params, support)
+            grads, loss, outputs = self._fused_gradient_and_loss(fused, params, support, tasks.support_y, True)
             known.setdefault("pre_support", outputs)
-            return grads
+            return grads, loss
 
         phi = self.inner.batched(gradient, theta_i, self.inner_lam, len(tasks.support_x))
         extra = {}

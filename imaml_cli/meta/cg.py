@@ -1,6 +1,6 @@
 """Conjugate gradient with a fixed number of steps, written to run per task under vmap."""
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -8,9 +8,15 @@ from imaml_cli.meta import tree
 from imaml_cli.meta.tree import Params
 
 
+class CGResult(NamedTuple):
+    solution: Params
+    residual_norm: torch.Tensor  # ‖b − A x‖, per system
+    steps_taken: torch.Tensor  # iterations that moved x, per system (fewer after a negative-curvature stop)
+
+
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int,
-                       stop_at_negative_curvature: bool = False, batch_dims: int = 0) -> tuple[Params, torch.Tensor]:
-    """Approximately solve A x = b from x = 0 with ``steps`` CG iterations; returns (x, ‖b − A x‖).
+                       stop_at_negative_curvature: bool = False, batch_dims: int = 0) -> CGResult:
+    """Approximately solve A x = b from x = 0 with ``steps`` CG iterations.
 
     The step count is fixed so that every task of a batch runs the same operations; a task that has
     converged keeps taking zero steps (safe division turns 0/0 into 0).
@@ -27,6 +33,7 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     r, p = b, b
     rr = tree.dot(r, r, batch_dims)
     active = torch.ones_like(rr, dtype=torch.bool)
+    taken = torch.zeros_like(rr)
     for i in range(steps):
         ap = matvec(p)
         curvature = tree.dot(p, ap, batch_dims)
@@ -39,6 +46,7 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
         else:
             step_ok = torch.ones_like(rr)
         alpha = tree.safe_divide(rr, curvature) * step_ok
+        taken = taken + step_ok
         x = tree.add(x, p, alpha)
         r = tree.add(r, ap, -alpha)
         rr_next = tree.dot(r, r, batch_dims)
@@ -46,4 +54,4 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
         rr = rr_next
     # The recursive residual drifts from the true one only by rounding; an extra matvec to
     # recompute it would cost as much as a CG step.
-    return x, rr.sqrt()
+    return CGResult(x, rr.sqrt(), taken)

@@ -32,7 +32,7 @@ class TaskModel:
         return functional_call(self.network, params, (x,))
 
     def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._loss(self.outputs(params, x), y)
+        return self.loss_of_outputs(self.outputs(params, x), y)
 
     def loss_and_accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor):
         """(loss, accuracy); accuracy is None for regression."""
@@ -40,14 +40,14 @@ class TaskModel:
 
     def loss_and_accuracy_of_outputs(self, out: torch.Tensor, y: torch.Tensor):
         accuracy = (out.argmax(-1) == y).to(out.dtype).mean() if self.kind == "classification" else None
-        return self._loss(out, y), accuracy
+        return self.loss_of_outputs(out, y), accuracy
 
     @cached_property
     def fused(self) -> FusedConvNet | None:
         """The hand-written batched gradient of this network, where there is one."""
         return FusedConvNet(self.network, self.kind) if FusedConvNet.supports(self.network, self.kind) else None
 
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_of_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classification":
             return F.cross_entropy(out, y)
         # Not F.mse_loss: its backward breaks forward-mode AD (jvp of grad raises "ZeroTensors are
