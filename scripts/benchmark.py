@@ -51,6 +51,7 @@ LEVERS = [
     ("+ hvp_mode=reverse_over_reverse (cached)", dict(fused=False, hvp_mode="reverse_over_reverse")),
     ("+ fused=True (default)", dict()),
     ("+ precision=bf16 (not default)", dict(precision="bf16")),
+    ("fused, plain GD inner steps (inner_solver.backtrack=false)", dict(backtrack=False)),
 ]
 
 
@@ -99,7 +100,8 @@ def make_learner(case: dict, method: str, options: dict, device, dtype=None):
         # 6 line-search losses.
         inner = NewtonCG(max(1, case["steps"] // 4), 5, options.pop("newton_hvp_mode", "reverse_over_reverse"))
     else:
-        inner = GradientDescent(case["steps"], case["lr"])
+        # iMAML-GD's default inner loop is the monotone (backtracking) one; the others take plain steps.
+        inner = GradientDescent(case["steps"], case["lr"], options.pop("backtrack", method == "imaml-gd"))
     algorithm = {"imaml-gd": "imaml", "imaml-hf": "imaml"}.get(method, method)
     return MetaLearner(TaskModel(network, kind), algorithm, inner, lam=case["lam"], cg_steps=5, **options)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import QUICK, REPO, compose, run_cli
-from imaml_cli.engine.checkpoint import load_checkpoint
+from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from imaml_cli.engine.loop import train
 from imaml_cli.errors import UserError
 
@@ -130,6 +130,20 @@ def test_eval_cli_with_overrides_writes_json(finished_run, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["episodes"] == 12 and len(report["per_episode"]) == 12 and report["split"] == "val"
     assert "inner_solver.steps=3" in report["overrides"]
+
+
+def test_eval_of_a_checkpoint_that_predates_a_setting_uses_its_default(finished_run, tmp_path):
+    folder, _ = finished_run
+    state = load_checkpoint(folder / "run" / "checkpoints" / "best.pt")
+    assert "  backtrack: true\n" in state["config"]
+    state["config"] = state["config"].replace("  backtrack: true\n", "")
+    old = tmp_path / "old.pt"
+    save_checkpoint(state, old)
+    result = run_cli("imaml-eval", f"checkpoint={old}", "eval.episodes=4", "inner_solver.backtrack=false",
+                     f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "predates inner_solver.backtrack" in result.stdout + result.stderr
+    assert "inner_solver.backtrack=false" in json.loads((tmp_path / "eval.json").read_text())["overrides"]
 
 
 @pytest.mark.parametrize("args, message", [

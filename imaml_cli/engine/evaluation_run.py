@@ -1,10 +1,11 @@
 """imaml-eval's work: the stored config of a checkpoint, the user's overrides on top, one evaluation."""
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from imaml_cli.config import validate
+from imaml_cli.config import SCHEMA, validate
 from imaml_cli.engine import components
 from imaml_cli.engine.checkpoint import load_checkpoint, load_params
 from imaml_cli.engine.distributed import Distributed
@@ -19,6 +20,14 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     """Copy into the stored config each value the command line set (Hydra has already parsed and
     type-converted them in ``composed``); a group choice such as inner_solver=hf copies the group."""
     merged = stored.copy()
+    # A checkpoint written before a setting existed runs with today's default for it (and the
+    # command line may set it like any other key).
+    newer = [key for key in SCHEMA if OmegaConf.select(stored, key, default="<absent>") == "<absent>"]
+    for key in newer:
+        OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
+    if newer:
+        logging.getLogger("imaml").warning("the checkpoint predates %s; using today's defaults: %s", ", ".join(newer),
+                                           ", ".join(f"{k}={OmegaConf.select(composed, k)}" for k in newer))
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "checkpoint" or key.startswith("hydra"):
@@ -26,7 +35,7 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
         if key == "experiment":
             raise UserError("experiment=... cannot change at evaluation; override single keys instead "
                             "(e.g. inner_solver.steps=20 eval.episodes=1000)")
-        if key not in GROUPS and OmegaConf.select(stored, key, default="<absent>") == "<absent>":
+        if key not in GROUPS and OmegaConf.select(merged, key, default="<absent>") == "<absent>":
             raise UserError(f"unknown config key '{key}'; the README's configuration table lists every key")
         OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
     return merged
