@@ -6,7 +6,7 @@
 #   bash scripts/omniglot_cpu_runs.sh ../shared/data/omniglot 600 outputs/omniglot_cpu
 #
 # Arguments: the Omniglot folder, meta-steps per run, the folder for the runs, then any further
-# imaml-train overrides, applied to all three runs.
+# imaml-train overrides, applied to all three runs. ALGORITHMS="imaml" (say) runs a subset.
 set -euo pipefail
 root=${1:?Omniglot folder}
 steps=${2:-600}
@@ -14,12 +14,13 @@ out=${3:-outputs/omniglot_cpu}
 common=(experiment=omniglot_5w1s "dataset.root=$root" dataset.download=false device=cpu
         "train.meta_steps=$steps" train.val_every=50 train.val_episodes=100 train.checkpoint_every=50
         train.progress=false eval.episodes=600 "${@:4}")
-for algorithm in imaml maml fomaml; do
+read -r -a algorithms <<< "${ALGORITHMS:-imaml maml fomaml}"
+for algorithm in "${algorithms[@]}"; do
   start=$(date +%s)
   imaml-train "${common[@]}" "algorithm=$algorithm" "hydra.run.dir=$out/$algorithm"
   echo "$algorithm: $(( $(date +%s) - start )) s wall-clock for $steps meta-steps" | tee -a "$out/wall_clock.txt"
 done
-for algorithm in imaml maml fomaml; do
+for algorithm in "${algorithms[@]}"; do
   imaml-eval "checkpoint=$out/$algorithm/checkpoints/best.pt" eval.episodes=600 dataset.queries=15 \
     "hydra.run.dir=$out/$algorithm/eval"
 done
