@@ -91,25 +91,50 @@ class GradientDescent:
         """The same steps for ``tasks`` tasks at once, from ``gradient``: φ ``[T, ...]`` ↦ the
         batched loss gradients and the losses ``[T]``.
 
-        Not differentiable (the plain steps update in place); for algorithms that do not
-        differentiate through the inner loop.
+        Not differentiable (it updates in place); for algorithms that do not differentiate through
+        the inner loop.
         """
         phi = {k: v.expand(tasks, *v.shape).clone() for k, v in theta.items()}
         if self.backtrack:
-            def proximal_gradient_and_value(phi):
-                g, loss = gradient(phi)
-                if lam == 0:
-                    return g, loss
-                diff = tree.add(phi, theta, -1.0)
-                return tree.add(g, diff, lam), loss + 0.5 * lam * tree.dot(diff, diff, batch_dims=1)
-
-            return self._descend(proximal_gradient_and_value, phi, *proximal_gradient_and_value(phi))
+            return self._batched_backtracking(gradient, theta, lam, phi)
         for _ in range(self.steps):
             g = gradient(phi)[0]
             for k, v in phi.items():
                 if lam != 0:
                     v.lerp_(theta[k], self.lr * lam)
                 v.add_(g[k], alpha=-self.lr)
+        return phi
+
+    def _batched_backtracking(self, gradient, theta: Params, lam: float, phi: Params) -> Params:
+        """``_descend`` for all tasks at once, written for memory traffic: the candidate and φ trade
+        buffers, and only the rows of tasks whose step was undone are copied back."""
+        g, value = gradient(phi)  # at θ, where the proximal term and its gradient are 0
+        lr = torch.full_like(value, self.lr)
+        candidate = {k: torch.empty_like(v) for k, v in phi.items()}
+        diff = {k: torch.empty_like(v) for k, v in phi.items()}
+        for _ in range(self.steps - 1):
+            for k, v in phi.items():
+                # φ − lr(∇L̂(φ) + λ(φ − θ)), with each task's own lr.
+                if lam != 0:
+                    torch.lerp(v, theta[k], tree.per_task(lr * lam, v), out=candidate[k])
+                else:
+                    candidate[k].copy_(v)
+                candidate[k].addcmul_(g[k], tree.per_task(-lr, v))
+            candidate_g, candidate_value = gradient(candidate)
+            if lam != 0:
+                for k, c in candidate.items():
+                    torch.sub(c, theta[k], out=diff[k])
+                candidate_value = candidate_value + 0.5 * lam * sum(
+                    torch.linalg.vector_norm(d.flatten(1), dim=1).square() for d in diff.values())
+            better = candidate_value <= value
+            undone = (~better).nonzero().squeeze(1)
+            if len(undone):
+                for k in phi:
+                    candidate[k][undone] = phi[k][undone]
+                    candidate_g[k][undone] = g[k][undone]
+            phi, candidate, g = candidate, phi, candidate_g
+            value = torch.where(better, candidate_value, value)
+            lr = torch.where(better, lr, lr / 2)
         return phi
 
 

@@ -16,7 +16,8 @@ def dot(a: Params, b: Params, batch_dims: int = 0) -> torch.Tensor:
     return sum((a[k] * b[k]).flatten(batch_dims).sum(batch_dims) for k in a)
 
 
-def _per_task(scalar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_task(scalar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Scalars per task (``[T]``, or ``[]`` under vmap) shaped to broadcast over ``like``."""
     return scalar.reshape(scalar.shape + (1,) * (like.dim() - scalar.dim()))
 
 
@@ -24,7 +25,7 @@ def add(a: Params, b: Params, alpha=1.0) -> Params:
     """a + alpha * b; alpha may be a per-task scalar tensor."""
     # One fused pass over the parameters either way, instead of a product and then a sum.
     if isinstance(alpha, torch.Tensor):
-        return {k: torch.addcmul(a[k], b[k], _per_task(alpha, a[k])) for k in a}
+        return {k: torch.addcmul(a[k], b[k], per_task(alpha, a[k])) for k in a}
     return {k: torch.add(a[k], b[k], alpha=alpha) for k in a}
 
 
@@ -34,7 +35,7 @@ def scale(a: Params, alpha) -> Params:
 
 def where(condition: torch.Tensor, a: Params, b: Params) -> Params:
     """a where the (per-task, scalar) condition holds, else b."""
-    return {k: torch.where(_per_task(condition, a[k]), a[k], b[k]) for k in a}
+    return {k: torch.where(per_task(condition, a[k]), a[k], b[k]) for k in a}
 
 
 def zeros_like(a: Params) -> Params:
