@@ -170,6 +170,16 @@ def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name
     assert relative_error(phi, reference_phi) < 1e-9
 
 
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_batched_loss_equals_the_per_task_loss(kind):
+    g = torch.Generator().manual_seed(0)
+    model = TaskModel(build_model("sinusoid_mlp", 1), kind)
+    out = torch.randn(4, 6, 3 if kind == "classification" else 1, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (4, 6), generator=g) if kind == "classification" else torch.randn(4, 6, 1, generator=g,
+                                                                                            dtype=torch.float64)
+    torch.testing.assert_close(model.batched_loss_of_outputs(out, y), vmap(model.loss_of_outputs)(out, y), **TIGHT)
+
+
 @pytest.mark.parametrize("backtrack", [False, True])
 def test_batched_gradient_descent_equals_the_per_task_solver(backtrack):
     g = torch.Generator().manual_seed(0)

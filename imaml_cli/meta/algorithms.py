@@ -185,9 +185,10 @@ class MetaLearner:
 
     def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor, with_outputs=False):
         """The batched support-loss gradients and the losses ``[T]`` (what ``GradientDescent.batched``
-        takes), and the outputs if asked."""
+        takes; None where it does not need them), and the outputs if asked."""
         outputs, grads = fused.outputs_and_gradient(params, batch)
-        loss = vmap(self.model.loss_of_outputs)(outputs, targets)
+        # Only the backtracking inner loop looks at the losses.
+        loss = self.model.batched_loss_of_outputs(outputs, targets) if getattr(self.inner, "backtrack", False) else None
         return (grads, loss, outputs) if with_outputs else (grads, loss)
 
     def _outer_gradients(self, theta: Params, phi: Params, tasks: TaskBatch):
