@@ -174,7 +174,7 @@ class MetaLearner:
         fused = self._fused_model()
         if fused is not None:
             data = fused.prepare(support_x, support_y, reuse=True)
-            phi = self.inner.batched(lambda p: self._fused_gradient_and_loss(fused, p, data, support_y),
+            phi = self.inner.batched(lambda p: self._fused_gradient_and_loss(fused, p, data, support_y)[:2],
                                      fused.to_internal(theta), self.inner_lam, len(support_x))
             return fused.from_internal(phi)
 
@@ -183,13 +183,13 @@ class MetaLearner:
 
         return self._map(one_task, support_x, support_y)
 
-    def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor, with_outputs=False):
+    def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor):
         """The batched support-loss gradients and the losses ``[T]`` (what ``GradientDescent.batched``
-        takes; None where it does not need them), and the outputs if asked."""
+        takes; None where it does not need them), and the outputs."""
         outputs, grads = fused.outputs_and_gradient(params, batch)
         # Only the backtracking inner loop looks at the losses.
-        loss = self.model.batched_loss_of_outputs(outputs, targets) if getattr(self.inner, "backtrack", False) else None
-        return (grads, loss, outputs) if with_outputs else (grads, loss)
+        loss = self.model.batched_loss_of_outputs(outputs, targets) if self.inner.backtrack else None
+        return grads, loss, outputs
 
     def _outer_gradients(self, theta: Params, phi: Params, tasks: TaskBatch):
         """Per-task meta-gradients ``[T, ...]`` of the first-order algorithms and iMAML, given φ."""
@@ -222,7 +222,7 @@ class MetaLearner:
         known = {}
 
         def gradient(params):
-            grads, loss, outputs = self._fused_gradient_and_loss(fused, params, support, tasks.support_y, True)
+            grads, loss, outputs = self._fused_gradient_and_loss(fused, params, support, tasks.support_y)
             known.setdefault("pre_support", outputs)
             return grads, loss
 

@@ -27,8 +27,3 @@ def hessian_operator(loss: Callable[[Params], object], params: Params,
         return lambda vector: pullback(vector)[0]
     raise ValueError(f"unknown HVP mode {mode!r}; expected one of {HVP_MODES}")
 
-
-def hessian_vector_product(loss: Callable[[Params], object], params: Params, vector: Params,
-                           mode: str = "reverse_over_reverse") -> Params:
-    """∇²loss(params) · vector."""
-    return hessian_operator(loss, params, mode)(vector)

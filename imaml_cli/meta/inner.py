@@ -69,12 +69,10 @@ class GradientDescent:
         return phi
 
     def _backtracking(self, objective: Loss, theta: Params) -> Params:
-        g, value = grad_and_value(objective)(theta)
-        return self._descend(grad_and_value(objective), theta, g, value)
-
-    def _descend(self, gradient_and_value, phi: Params, g: Params, value: torch.Tensor) -> Params:
-        """The backtracking loop from φ, given its objective's gradient and value (per task: under
-        ``vmap`` scalars, outside it ``[T]``)."""
+        """Monotone descent on ``objective`` from θ, for one task (vmap it for many)."""
+        gradient_and_value = grad_and_value(objective)
+        phi = theta
+        g, value = gradient_and_value(phi)
         lr = torch.full_like(value, self.lr)
         for _ in range(self.steps - 1):
             candidate = tree.add(phi, g, -lr)
@@ -106,7 +104,7 @@ class GradientDescent:
         return phi
 
     def _batched_backtracking(self, gradient, theta: Params, lam: float, phi: Params) -> Params:
-        """``_descend`` for all tasks at once, written for memory traffic: the candidate and φ trade
+        """``_backtracking`` for all tasks at once, written for memory traffic: the candidate and φ trade
         buffers, and only the rows of tasks whose step was undone are copied back."""
         g, value = gradient(phi)  # at θ, where the proximal term and its gradient are 0
         lr = torch.full_like(value, self.lr)
@@ -115,11 +113,8 @@ class GradientDescent:
         for _ in range(self.steps - 1):
             for k, v in phi.items():
                 # φ − lr(∇L̂(φ) + λ(φ − θ)), with each task's own lr.
-                if lam != 0:
-                    torch.lerp(v, theta[k], tree.per_task(lr * lam, v), out=candidate[k])
-                else:
-                    candidate[k].copy_(v)
-                candidate[k].addcmul_(g[k], tree.per_task(-lr, v))
+                pulled = torch.lerp(v, theta[k], tree.per_task(lr * lam, v), out=candidate[k]) if lam != 0 else v
+                torch.addcmul(pulled, g[k], tree.per_task(-lr, v), out=candidate[k])
             candidate_g, candidate_value = gradient(candidate)
             if lam != 0:
                 for k, c in candidate.items():
