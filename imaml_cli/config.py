@@ -37,6 +37,11 @@ def _bool() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, bool)), "true or false"
 
 
+def _optional_int(minimum: int) -> tuple[Callable[[Any], bool], str]:
+    check, accepted = _int(minimum)
+    return (lambda v: v is None or check(v)), f"null or {accepted}"
+
+
 def _optional_str() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v is None or (isinstance(v, str) and v != "")), "a path or null"
 
@@ -60,6 +65,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.conv_impl": _choice("im2col", "native"),
     "algorithm.name": _choice(*ALGORITHMS),
     "algorithm.lam": _number(0, inclusive=False),
+    "inner_steps.gd": _int(1),
+    "inner_steps.hf": _int(1),
     "inner_solver.name": _choice("gd", "hf"),
     "inner_solver.steps": _int(1),
     "inner_solver.lr": _number(0, inclusive=False),
@@ -83,6 +90,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_bad_steps": _int(1),
     "train.progress": _bool(),
     "eval.episodes": _int(1),
+    "eval.queries": _optional_int(1),
     "eval.split": _choice("train", "val", "test"),
     "eval.seed": _int(0),
     "eval.batch_size": _int(1),

@@ -24,7 +24,7 @@ def test_every_preset_composes_with_every_algorithm(preset):
 def test_default_is_the_papers_omniglot_5way_1shot_imaml():
     config = validate(compose())
     assert config["dataset"] | {"root": None} == {
-        "name": "omniglot", "root": None, "ways": 5, "shots": 1, "queries": 15, "download": True,
+        "name": "omniglot", "root": None, "ways": 5, "shots": 1, "queries": 1, "download": True,
         "rotations": True, "cache_dir": None}
     assert config["algorithm"] == {"name": "imaml", "lam": 2.0}
     assert (config["inner_solver"]["name"], config["inner_solver"]["steps"], config["cg"]["steps"]) == ("gd", 16, 5)

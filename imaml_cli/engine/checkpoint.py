@@ -15,7 +15,9 @@ import torch
 from imaml_cli.errors import UserError
 
 FORMAT = "imaml-checkpoint-v1"
-REQUIRED = ("format", "step", "params", "optimizer", "rng", "config")
+# A full checkpoint also holds "optimizer" and "rng" (exact resume); a parameters-only one (the
+# pretrained/ files) holds just these, enough to evaluate or to fine-tune from.
+REQUIRED = ("format", "step", "params", "config")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -58,8 +58,14 @@ def build_optimizer(config: dict, parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
 
 
-def build_source(config: dict, split: str, device: torch.device):
+def build_source(config: dict, split: str, device: torch.device, evaluation: bool = False):
+    """Episodes of ``split``. Meta-training episodes hold ``dataset.queries`` query examples per
+    class; with ``evaluation`` (validation and test) they hold ``eval.queries`` when it is set, so a
+    checkpoint can be tested on another protocol than the one it was trained on."""
     data = config["dataset"]
+    queries = data["queries"]
+    if evaluation and config["eval"]["queries"] is not None:
+        queries = config["eval"]["queries"]
     return make_episode_source(data["name"], split, root=data["root"], ways=data["ways"], shots=data["shots"],
-                               queries=data["queries"], device=device, download=data["download"],
+                               queries=queries, device=device, download=data["download"],
                                cache_dir=data["cache_dir"], rotations=data["rotations"])

@@ -20,12 +20,17 @@ class EvalResult:
     ways: int
     shots: int
     per_episode: list[float]
+    queries: int | None = None  # query examples per class (per task for regression); None in older results
 
     def line(self) -> str:
+        protocol = f"{self.shots}-shot"
+        if self.queries is not None:
+            per = "per class" if self.metric == "accuracy" else "per task"
+            protocol += f", {self.queries} quer{'y' if self.queries == 1 else 'ies'} {per}"
         if self.metric == "accuracy":
             return (f"{self.split} accuracy {self.mean:.2f}% ± {self.ci95:.2f} (95% CI, {self.episodes} episodes, "
-                    f"{self.ways}-way {self.shots}-shot)")
-        return f"{self.split} MSE {self.mean:.4f} ± {self.ci95:.4f} (95% CI, {self.episodes} episodes, {self.shots}-shot)"
+                    f"{self.ways}-way {protocol})")
+        return f"{self.split} MSE {self.mean:.4f} ± {self.ci95:.4f} (95% CI, {self.episodes} episodes, {protocol})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,4 +58,4 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
     std = values.std().item() if len(values) > 1 else 0.0
     return EvalResult("accuracy" if classification else "mse", values.mean().item(),
                       1.96 * std / math.sqrt(max(len(values), 1)), len(values), split,
-                      getattr(source, "ways", 1), source.shots, values.tolist())
+                      getattr(source, "ways", 1), source.shots, values.tolist(), source.queries)

@@ -57,7 +57,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) ->
         load_params(network, state, path)
         learner = components.build_learner(config, network, world.device)
         ecfg = config["eval"]
-        source = world.main_first(lambda: components.build_source(config, ecfg["split"], world.device))
+        source = world.main_first(lambda: components.build_source(config, ecfg["split"], world.device, evaluation=True))
         result = evaluate(learner, dict(network.named_parameters()), source, episodes=ecfg["episodes"],
                           seed=ecfg["seed"], batch_size=ecfg["batch_size"], split=ecfg["split"],
                           shard=(world.rank, world.world), gather=world.gather_lists)

@@ -27,7 +27,8 @@ log = logging.getLogger("imaml")
 
 # Keys a resumed run may change without breaking exact continuation.
 RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
-                     "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.split", "eval.batch_size")
+                     "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.queries", "eval.split",
+                     "eval.batch_size")
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
 
@@ -54,12 +55,14 @@ def check_compatible(stored: dict, current: dict, keys, path: Path, advice: str)
 
 
 def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ. A key the stored config lacks is a setting added since the
+    checkpoint was written; its default keeps the old behaviour, so it does not count."""
     keys = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _differing_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif key in stored and a != b:
             keys.append(f"{prefix}{key}")
     return keys
 
@@ -146,17 +149,22 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
     generator = torch.Generator().manual_seed(tcfg["seed"])
     train_source, val_source = world.main_first(lambda: (
         components.build_source(config, "train", device),
-        components.build_source(config, "val", device) if tcfg["val_every"] else None))
+        components.build_source(config, "val", device, evaluation=True) if tcfg["val_every"] else None))
 
     step, best, best_step, bad_steps, skipped, elapsed = 0, None, None, 0, 0, 0.0
     if resumed is not None:
         load_params(network, resumed, tcfg["resume"] or last_path)
-        optimizer.load_state_dict(resumed["optimizer"])
-        restore_rng(resumed["rng"], generator)
-        step, best, best_step = resumed["step"], resumed.get("best_score"), resumed.get("best_step")
-        skipped, elapsed = resumed.get("skipped_steps", 0), resumed.get("elapsed", 0.0)
-        if world.is_main:
-            log.info("resuming from %s at meta-step %d", tcfg["resume"] or last_path, step)
+        if "optimizer" in resumed:
+            optimizer.load_state_dict(resumed["optimizer"])
+            restore_rng(resumed["rng"], generator)
+            step, best, best_step = resumed["step"], resumed.get("best_score"), resumed.get("best_step")
+            skipped, elapsed = resumed.get("skipped_steps", 0), resumed.get("elapsed", 0.0)
+            if world.is_main:
+                log.info("resuming from %s at meta-step %d", tcfg["resume"] or last_path, step)
+        elif world.is_main:
+            # A parameters-only file (pretrained/): fine-tune from its θ with a fresh optimizer.
+            log.info("starting from the parameters in %s (meta-step %d there) with a new optimizer",
+                     tcfg["resume"], resumed["step"])
 
     higher_is_better = components.task_kind(config) == "classification"
 
@@ -245,7 +253,7 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
         load_params(network, load_checkpoint(best_path), best_path)
         used = "best"
     ecfg = config["eval"]
-    source = world.main_first(lambda: components.build_source(config, ecfg["split"], device))
+    source = world.main_first(lambda: components.build_source(config, ecfg["split"], device, evaluation=True))
     result = evaluate(learner, params, source, episodes=ecfg["episodes"], seed=ecfg["seed"],
                       batch_size=ecfg["batch_size"], split=ecfg["split"], shard=(world.rank, world.world),
                       gather=world.gather_lists)
