@@ -22,7 +22,7 @@ from torch.func import grad, vmap
 
 from imaml_cli.data.episodes import TaskBatch
 from imaml_cli.meta import tree
-from imaml_cli.meta.cg import conjugate_gradient
+from imaml_cli.meta.cg import SOLVERS, conjugate_gradient, neumann_series
 from imaml_cli.meta.hvp import HVP_MODES, hessian_operator
 from imaml_cli.meta.inner import GradientDescent, InnerSolver
 from imaml_cli.meta.precision import check_precision, matmul_precision
@@ -43,6 +43,8 @@ class MetaLearner:
     directions of near-zero or negative curvature. ``cg_stop_at_negative_curvature`` (default)
     ends CG at the first direction with pᵀAp ≤ 0 and keeps the iterate so far (∇L_test itself if it
     is the first): the same answer as plain CG whenever the matrix is positive definite. ``vectorize=False`` processes the tasks in a Python loop, as a reference for the batched path.
+    ``cg_solver="neumann"`` replaces CG by the truncated Neumann series with step size
+    ``neumann_step_size`` and ``cg_steps`` terms (``meta/cg.py``); the negative-curvature stop is CG's only.
 
     Speed switches, measured in BENCHMARKS.md. The first two compute the same meta-gradient up to
     rounding; the defaults are the fastest exact choices.
@@ -67,6 +69,8 @@ class MetaLearner:
     cg_steps: int = 5
     cg_damping: float = 0.0
     cg_stop_at_negative_curvature: bool = True
+    cg_solver: str = "cg"
+    neumann_step_size: float = 0.1
     hvp_mode: str = "reverse_over_reverse"
     vectorize: bool = True
     fused: bool = True
@@ -79,6 +83,8 @@ class MetaLearner:
             raise ValueError(f"algorithm {self.algorithm!r} adapts by gradient descent; use the gd inner solver")
         if self.algorithm == "imaml" and not self.lam > 0:
             raise ValueError(f"iMAML needs lam > 0, got {self.lam}")
+        if self.cg_solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.cg_solver!r}; expected one of {SOLVERS}")
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {self.hvp_mode!r}; expected one of {HVP_MODES}")
         check_precision(self.precision)
@@ -205,13 +211,17 @@ class MetaLearner:
         return self._solve(hessian, query_grad, batch_dims=0)
 
     def _solve(self, hessian, query_grad: Params, batch_dims: int):
-        """(I + ∇²L̂(φ)/λ + δI)⁻¹ ∇L_test(φ) by CG, CG's relative residual and its steps taken."""
+        """(I + ∇²L̂(φ)/λ + δI)⁻¹ ∇L_test(φ) by ``cg_solver``, its relative residual and its steps taken."""
         def matvec(v):
             return tree.add(v if self.cg_damping == 0 else tree.scale(v, 1.0 + self.cg_damping),
                             hessian(v), 1.0 / self.lam)
 
-        meta_grad, residual, taken = conjugate_gradient(matvec, query_grad, self.cg_steps,
-                                                        self.cg_stop_at_negative_curvature, batch_dims)
+        if self.cg_solver == "neumann":
+            meta_grad, residual, taken = neumann_series(matvec, query_grad, self.cg_steps, self.neumann_step_size,
+                                                        batch_dims)
+        else:
+            meta_grad, residual, taken = conjugate_gradient(matvec, query_grad, self.cg_steps,
+                                                            self.cg_stop_at_negative_curvature, batch_dims)
         return meta_grad, {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims)),
                            "cg_steps": taken}
 

@@ -1,4 +1,6 @@
-"""Conjugate gradient with a fixed number of steps, written to run per task under vmap."""
+"""Linear solvers for the implicit meta-gradient with a fixed number of steps, written to run per
+task under vmap (or on all tasks at once with ``batch_dims=1``): conjugate gradient, and a truncated
+Neumann series (as betty and torchopt offer)."""
 
 from typing import Callable, NamedTuple
 
@@ -55,3 +57,23 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     # The recursive residual drifts from the true one only by rounding; an extra matvec to
     # recompute it would cost as much as a CG step.
     return CGResult(x, rr.sqrt(), taken)
+
+
+SOLVERS = ("cg", "neumann")
+
+
+def neumann_series(matvec: Callable[[Params], Params], b: Params, steps: int, step_size: float,
+                   batch_dims: int = 0) -> CGResult:
+    """Approximately solve A x = b by the truncated Neumann series x = α Σ_{k<steps} (I − αA)^k b.
+
+    This is Richardson's iteration x ← x + α(b − A x) from x = 0; the terms r_k = (I − αA)^k b are
+    also its residuals, so ``steps`` matrix-vector products (as many as CG's ``steps``) give the
+    solution and its exact residual r_steps = b − A x. The series converges when every eigenvalue
+    of αA lies in (0, 2): for A = I + H/λ, a positive semi-definite H and α < 2/(1 + ‖H‖/λ).
+    Unlike CG it takes no dot products and never divides, but it converges only linearly.
+    """
+    x, r = tree.zeros_like(b), b
+    for _ in range(steps):
+        x = tree.add(x, r, step_size)
+        r = tree.add(r, matvec(r), -step_size)
+    return CGResult(x, tree.norm(r, batch_dims), torch.full_like(tree.dot(b, b, batch_dims), steps))
