@@ -1,9 +1,11 @@
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,6 +30,14 @@ def run_cli(script: str, *args: str, cwd: Path, env: dict | None = None, timeout
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([str(BIN / script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def same_random_state_for_every_test():
+    """Whatever draws from the global generators (a network's initialisation, torch.randn without a
+    generator) draws the same numbers whichever tests ran before, alone or in the whole suite."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ term changes the result at order 1e-2 or more). The bfloat16 products are checke
 bound derived from bfloat16's precision instead.
 """
 
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,9 +149,24 @@ def test_fused_is_only_used_where_it_applies():
     assert TaskModel(build_model("sinusoid_mlp", 1), "regression").fused is None
 
 
+def backtracking_decisions(learner, theta, tasks) -> list[set[bool]]:
+    """Per task, whether the per-task backtracking loop kept (True) or undid (False) its steps."""
+    with mock.patch.object(tree, "where", wraps=tree.where) as spy:
+        learner.adapt(theta, tasks)
+    # The per-task loop (vectorize=False) runs the tasks one after another, each with the same
+    # number of steps; outside vmap each condition is a plain boolean.
+    decisions = [bool(call.args[0]) for call in spy.call_args_list]
+    per_task = len(decisions) // len(tasks.support_x)
+    assert per_task > 0 and len(decisions) == per_task * len(tasks.support_x)
+    return [set(decisions[t * per_task:(t + 1) * per_task]) for t in range(len(tasks.support_x))]
+
+
+# Backtracking at lr 0.5 on these nets and tasks both keeps and undoes steps in every task (the
+# test checks it): the state the default Omniglot training runs in. At lr 3 every step would be
+# undone and φ = θ, which says nothing about the kept steps.
 @pytest.mark.parametrize("algorithm, inner", [("imaml", GradientDescent(3, 0.2)), ("fomaml", GradientDescent(3, 0.2)),
                                               ("reptile", GradientDescent(3, 0.2)), ("imaml", NewtonCG(2, 3)),
-                                              ("imaml", GradientDescent(5, 3.0, backtrack=True))])
+                                              ("imaml", GradientDescent(5, 0.5, backtrack=True))])
 @pytest.mark.parametrize("name", NETS)
 def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name):
     model = TaskModel(make_net(name), "classification")
@@ -156,6 +174,9 @@ def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name
     theta = {k: v[0] for k, v in theta.items()}
     tasks = tasks_for(name)
     kwargs = dict(algorithm=algorithm, inner=inner, lam=2.0, cg_steps=4)
+    if getattr(inner, "backtrack", False):
+        decisions = backtracking_decisions(MetaLearner(model, vectorize=False, **kwargs), theta, tasks)
+        assert decisions == [{True, False}] * len(tasks.support_x), decisions
     reference, reference_metrics = MetaLearner(model, vectorize=False, hvp_mode="forward_over_reverse",
                                                **kwargs).meta_gradient(theta, tasks)
     for options in (dict(fused=True), dict(fused=False, hvp_mode="reverse_over_reverse"),
@@ -168,6 +189,65 @@ def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name
     phi, _ = MetaLearner(model, fused=True, **kwargs).adapt(theta, tasks)
     reference_phi, _ = MetaLearner(model, vectorize=False, **kwargs).adapt(theta, tasks)
     assert relative_error(phi, reference_phi) < 1e-9
+    # φ moved: the comparison above is not between two copies of θ.
+    assert relative_error(phi, {k: v.expand_as(phi[k]) for k, v in theta.items()}) > 1e-3
+
+
+FUSED_PASSES = ("outputs_and_gradient", "outputs_and_hessian", "outputs")
+
+
+@contextmanager
+def hand_written_passes_only():
+    """Counts the calls of the fused passes and makes every autograd route of a meta-step raise, so
+    that a ``fused=True`` learner that silently fell back to vmap over autograd fails loudly."""
+    with ExitStack() as stack:
+        spies = {name: stack.enter_context(mock.patch.object(FusedConvNet, name, autospec=True,
+                                                             side_effect=getattr(FusedConvNet, name)))
+                 for name in FUSED_PASSES}
+        for name in ("loss", "outputs", "loss_and_accuracy"):
+            stack.enter_context(mock.patch.object(TaskModel, name, side_effect=AssertionError(f"autograd: {name}")))
+        stack.enter_context(mock.patch("imaml_cli.meta.algorithms.hessian_operator",
+                                       side_effect=AssertionError("autograd: hessian_operator")))
+        calls = {}
+        yield calls
+        calls.update({name: spy.call_count for name, spy in spies.items()})
+
+
+@pytest.mark.parametrize("algorithm, inner, gradients, hessians", [
+    # Backtracking: one gradient per inner step; then the query gradient and one linearisation for CG.
+    ("imaml", GradientDescent(4, 0.5, backtrack=True), 4 + 1, 1),
+    # Plain GD: one gradient per step and the query gradient; FOMAML needs no Hessian.
+    ("imaml", GradientDescent(3, 0.2), 3 + 1, 1), ("fomaml", GradientDescent(3, 0.2), 3 + 1, 0),
+    ("reptile", GradientDescent(3, 0.2), 3, 0)])
+def test_fused_true_runs_the_hand_written_passes(algorithm, inner, gradients, hessians):
+    model = TaskModel(make_net("stride"), "classification")
+    learner = MetaLearner(model, algorithm, inner, lam=2.0, cg_steps=3)
+    with hand_written_passes_only() as calls:
+        learner.meta_gradient(model.parameters(), tasks_for("stride"))
+    assert (calls["outputs_and_gradient"], calls["outputs_and_hessian"]) == (gradients, hessians), calls
+    with hand_written_passes_only() as calls:
+        learner.adapt(model.parameters(), tasks_for("stride"))
+    assert calls["outputs_and_gradient"] == inner.steps, calls
+
+
+@pytest.mark.parametrize("experiment, shape", [("omniglot_5w1s", (1, 28, 28)), ("miniimagenet_5w1s", (3, 84, 84))])
+def test_the_built_in_networks_take_the_fused_path_by_default(experiment, shape):
+    """The learner the app builds for the real networks, with the default perf settings."""
+    from conftest import compose
+    from imaml_cli.config import validate
+    from imaml_cli.engine import components
+
+    config = validate(compose([f"experiment={experiment}", "inner_solver.steps=2", "cg.steps=2", "device=cpu"]))
+    network = components.build_network(config, torch.device("cpu"))
+    learner = components.build_learner(config, network, torch.device("cpu"))
+    assert config["perf"]["fused"] and learner.fused
+    g = torch.Generator().manual_seed(0)
+    tasks = TaskBatch(torch.rand(2, 5, *shape, generator=g), torch.arange(5).repeat(2, 1),
+                      torch.rand(2, 5, *shape, generator=g), torch.arange(5).repeat(2, 1))
+    with hand_written_passes_only() as calls:
+        grads, _ = learner.meta_gradient(learner.model.parameters(), tasks)
+    assert (calls["outputs_and_gradient"], calls["outputs_and_hessian"]) == (2 + 1, 1), calls
+    assert all(torch.isfinite(v).all() for v in grads.values())
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
@@ -234,16 +314,39 @@ def test_native_convolution_refuses_cached_products_under_vmap():
     MetaLearner(model, "imaml", GradientDescent(1, 0.1))  # the fused products need no autograd
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="bf16 products need oneDNN")
+def torch_runs_float32_products_in_bf16() -> bool:
+    """Whether torch itself, told directly, rounds a float32 batched product to bfloat16 here.
+
+    oneDNN does so only on CPUs with AMX; elsewhere the setting is accepted and has no effect
+    (relative error about 1e-7 instead of 1e-3), and the test below could not tell a working
+    ``matmul_precision`` from a broken one.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, 64, generator=g), torch.randn(2, 64, 64, generator=g)
+    exact = torch.bmm(a.double(), b.double())
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        error = ((torch.bmm(a, b).double() - exact).norm() / exact.norm()).item()
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    return error > 1e-4
+
+
+@pytest.mark.skipif(not torch_runs_float32_products_in_bf16(),
+                    reason="this CPU does not run float32 products in bfloat16 (oneDNN needs AMX)")
 def test_bf16_products_stay_within_bfloat16_precision_and_restore_settings():
     # A bf16 product rounds its inputs to 8 significant bits (relative error up to 2^-9 = 2e-3 per
     # entry); a gradient or Hessian-vector product chains a dozen of them, so 3e-2 is a loose
     # bound that a wrong result (order 1) cannot meet. Per operation, because the meta-gradient
     # after many inner steps amplifies any rounding (BENCHMARKS.md measures both on real shapes).
+    torch.manual_seed(0)
     net = ConvNet(1, 9, 8, 3, blocks=3, stride=2)
     fused = FusedConvNet(net, "classification")
     params = fused.to_internal(perturbed(TaskModel(net, "classification").parameters(), 3, 0.1, 1))
-    vector = {k: torch.randn_like(v) for k, v in params.items()}
+    vector = fused.to_internal(perturbed({k: torch.zeros_like(v) for k, v in net.state_dict().items()}, 3, 1.0, 2))
     x, y = tasks_for("stride", images=6)[:2]
     batch = fused.prepare(x.float(), y)
     results = {}
@@ -254,7 +357,9 @@ def test_bf16_products_stay_within_bfloat16_precision_and_restore_settings():
                                   fused.outputs_and_hessian(params, batch)[1](vector))
         assert torch.backends.mkldnn.matmul.fp32_precision == before
     for exact, fast in zip(results["ieee"], results["bf16"]):
-        assert relative_error(fast, exact) < 3e-2
+        # Above 1e-4, three orders of magnitude over float32's rounding (1e-7 here): bf16 was in
+        # effect. A context manager that left the products in float32 gives about 1e-7.
+        assert 1e-4 < relative_error(fast, exact) < 3e-2
     with pytest.raises(ValueError, match="precision"):
         MetaLearner(TaskModel(net, "classification"), "imaml", GradientDescent(1, 0.1), precision="fp8")
     with pytest.raises(ValueError, match="not available"):
