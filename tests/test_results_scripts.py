@@ -1,0 +1,124 @@
+"""The results pipeline: a run published to pretrained/, imaml-eval reproducing its row, fine-tuning
+from it, and the README's table generated from pretrained/results.json."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REAL_OMNIGLOT, REPO, run_cli
+from test_data_miniimagenet import make_folder_layout
+
+sys.path.insert(0, str(REPO / "scripts"))
+import results_table  # noqa: E402
+
+# Flat-colour images in Mini-ImageNet's split-folder layout: a real classification run in seconds.
+TINY = ["experiment=miniimagenet_5w1s", "dataset.ways=2", "dataset.queries=1", "dataset.download=false",
+        "train.meta_steps=2", "train.meta_batch_size=2", "train.val_every=1", "train.val_episodes=4",
+        "train.checkpoint_every=1", "train.progress=false", "inner_steps.gd=2", "cg.steps=2",
+        "eval.episodes=6", "eval.batch_size=3"]
+
+
+def script(name: str, *args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A tiny finished run, published into a pretrained/ folder of its own."""
+    tmp = tmp_path_factory.mktemp("publish")
+    root = tmp / "mini"
+    for split in ("train", "val", "test"):
+        make_folder_layout(root, split)
+    done = run_cli("imaml-train", *TINY, f"dataset.root={root}", f"dataset.cache_dir={tmp / 'cache'}",
+                   f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    out = tmp / "pretrained"
+    done = script("publish_pretrained.py", tmp / "run", "--name", "tiny", "--out", out)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "results.json").read_text())
+    return tmp, out, rows
+
+
+def test_a_published_row_has_every_field_and_a_small_parameters_only_file(published):
+    tmp, out, rows = published
+    assert len(rows) == 1
+    row = rows[0]
+    assert {"dataset", "ways", "shots", "algorithm", "inner_solver", "meta_steps", "queries", "episodes",
+            "test_accuracy", "ci95", "checkpoint", "command", "hardware", "wall_clock_s"} <= set(row)
+    assert (row["dataset"], row["ways"], row["shots"], row["algorithm"], row["inner_solver"]) == (
+        "miniimagenet", 2, 1, "imaml", "gd")
+    assert (row["meta_steps"], row["queries"], row["episodes"]) == (2, 1, 6)
+    # The command is the one that trained it: its overrides, then the run directory.
+    assert row["command"].startswith("imaml-train experiment=miniimagenet_5w1s dataset.ways=2")
+    assert row["command"].endswith(f"hydra.run.dir={tmp / 'run'}")
+    state = torch.load(out / "tiny.pt", weights_only=True)
+    assert "optimizer" not in state and set(state["params"]) and (out / "tiny.pt").stat().st_size < 1 << 20
+
+
+def test_imaml_eval_of_the_published_file_prints_the_rows_accuracy(published):
+    tmp, out, rows = published
+    done = run_cli("imaml-eval", f"checkpoint={out / 'tiny.pt'}", f"hydra.run.dir={tmp / 'eval'}", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    printed = float(re.search(r"test accuracy ([0-9.]+)%", done.stdout).group(1))
+    assert printed == rows[0]["test_accuracy"]
+
+
+def test_fine_tuning_from_a_published_file_starts_at_step_zero_with_its_parameters(published):
+    tmp, out, _ = published
+    done = run_cli("imaml-train", *TINY, "train.meta_steps=1", "train.val_every=0", f"train.resume={out / 'tiny.pt'}",
+                   f"dataset.root={tmp / 'mini'}", f"dataset.cache_dir={tmp / 'cache'}",
+                   f"hydra.run.dir={tmp / 'finetune'}", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp / "finetune" / "results.json").read_text())["meta_steps"] == 1
+    pretrained = torch.load(out / "tiny.pt", weights_only=True)["params"]
+    tuned = torch.load(tmp / "finetune" / "checkpoints" / "last.pt", weights_only=True)
+    # One Adam step from the published θ moves each tensor by about lr = 1e-3 at most.
+    for name, value in pretrained.items():
+        assert (tuned["params"][name] - value).abs().max() <= 1.1e-3
+    assert tuned["optimizer"]["state"][0]["step"].item() == 1
+
+
+def test_a_run_that_has_not_finished_is_refused_in_one_line(tmp_path):
+    done = script("publish_pretrained.py", tmp_path, "--name", "x", "--out", tmp_path / "pretrained")
+    assert done.returncode != 0 and "has not finished" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "pretrained").exists()
+
+
+def test_the_table_shows_a_measured_row_and_names_the_missing_ones():
+    row = {"dataset": "omniglot", "ways": 5, "shots": 1, "algorithm": "imaml", "inner_solver": "hf",
+           "meta_steps": 1000, "meta_batch_size": 32, "queries": 1, "episodes": 600, "test_accuracy": 97.12,
+           "ci95": 0.5, "checkpoint": "pretrained/x.pt", "hardware": "a CPU", "wall_clock_s": 5400}
+    lines = results_table.render([row]).splitlines()
+    assert len(lines) == 2 + 4 * 5  # header, rule, every setting x algorithm of the paper's Table 2
+    hf = next(line for line in lines if line.startswith("| 5-way 1-shot | iMAML-HF |"))
+    assert "**97.12** ± 0.50" in hf and "1,000 meta-steps × 32 tasks, 1 h 30 min on a CPU" in hf
+    assert "| 99.50 ± 0.26 |" in hf and "[x.pt](pretrained/x.pt)" in hf
+    gd = next(line for line in lines if line.startswith("| 5-way 1-shot | iMAML-GD |"))
+    assert "not measured" in gd and "omniglot_paper_runs.sh 5w1s_imaml_gd" in gd
+    twenty = next(line for line in lines if line.startswith("| 20-way 5-shot | Reptile |"))
+    assert "not measured" in twenty and "| 97.12 ± 0.32 |" in twenty
+
+
+def test_the_readme_table_is_the_one_results_json_gives():
+    done = script("results_table.py", "--check")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not REAL_OMNIGLOT.is_dir(), reason="needs the real Omniglot in ../shared/data/omniglot")
+def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path):
+    rows = json.loads((REPO / "pretrained" / "results.json").read_text()) if (
+        REPO / "pretrained" / "results.json").is_file() else []
+    rows = [r for r in rows if r["dataset"] == "omniglot"]
+    if not rows:
+        pytest.skip("no published Omniglot rows yet")
+    # The cheapest row keeps the suite short; every row is reproduced the same way.
+    row = min(rows, key=lambda r: r["ways"] * r["shots"] * r["episodes"])
+    done = run_cli("imaml-eval", f"checkpoint={row['checkpoint']}", f"dataset.root={REAL_OMNIGLOT}",
+                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert float(re.search(r"test accuracy ([0-9.]+)%", done.stdout).group(1)) == row["test_accuracy"]
