@@ -4,6 +4,7 @@
     python scripts/benchmark.py                 # full suite on the CPU (about 15 minutes on 2 cores)
     python scripts/benchmark.py --quick         # a smoke test of every part, well under a minute
     python scripts/benchmark.py --device cuda   # on a GPU: timings synchronised, peak allocated memory
+    python scripts/benchmark.py --solvers       # only CG against the Neumann series (add --quick: seconds)
 
 Every timed case runs in a fresh subprocess, so that its peak resident memory (CPU) is its own.
 Timing cases use random tensors of the right shapes; episode sampling uses the real Omniglot
@@ -103,7 +104,8 @@ def make_learner(case: dict, method: str, options: dict, device, dtype=None):
         # iMAML-GD's default inner loop is the monotone (backtracking) one; the others take plain steps.
         inner = GradientDescent(case["steps"], case["lr"], options.pop("backtrack", method == "imaml-gd"))
     algorithm = {"imaml-gd": "imaml", "imaml-hf": "imaml"}.get(method, method)
-    return MetaLearner(TaskModel(network, kind), algorithm, inner, lam=case["lam"], cg_steps=5, **options)
+    return MetaLearner(TaskModel(network, kind), algorithm, inner, lam=case["lam"], cg_steps=options.pop("cg_steps", 5),
+                       **options)
 
 
 def current_rss() -> int:
@@ -284,6 +286,96 @@ def run_compile(spec: dict) -> dict:
     return out
 
 
+# Steps (Hessian-vector products per task) at which CG and the Neumann series are compared.
+SOLVER_STEPS = (5, 10, 20, 40)
+SOLVER_QUICK_STEPS = (5, 10)
+
+
+def run_solver_accuracy(spec: dict) -> dict:
+    """Meta-gradient error of CG and of the Neumann series against a dense solve of (I + H/λ) g = ∇L_test.
+
+    float64 throughout, so the error is the solver's alone. The Hessians must fit densely: the
+    sinusoid MLP (1,761 parameters) and, for Omniglot, the conv net at 8 channels instead of 64.
+    """
+    import torch
+    from torch.func import grad, hessian, vmap
+
+    from imaml_cli.meta.algorithms import MetaLearner
+    from imaml_cli.meta.inner import GradientDescent
+    from imaml_cli.meta.task import TaskModel
+    from imaml_cli.models import ConvNet
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    case = spec["case"]
+    torch.manual_seed(0)
+    tasks = make_tasks(case, "cpu", torch.float64)
+    if case["model"] == "sinusoid_mlp":
+        learner = make_learner(case, "imaml-gd", {}, "cpu", torch.float64)
+        model = learner.model
+    else:
+        model = TaskModel(ConvNet(1, 28, 8, case["ways"], stride=2).double(), "classification")
+        if OMNIGLOT.is_dir():
+            from imaml_cli.data import TaskBatch, make_episode_source
+
+            source = make_episode_source("omniglot", "train", root=OMNIGLOT, ways=case["ways"],
+                                         shots=case["shots"], queries=case["queries"], device="cpu")
+            tasks = TaskBatch(*(x.double() if x.is_floating_point() else x
+                                for x in source.sample(case["tasks"], torch.Generator().manual_seed(0))))
+    theta = model.parameters()
+    names, shapes = list(theta), [v.shape for v in theta.values()]
+    sizes = [v.numel() for v in theta.values()]
+
+    def unflatten(flat):
+        return {n: part.view(shape) for n, part, shape in zip(names, flat.split(sizes, -1), shapes)}
+
+    def flatten(params):
+        # Leading (task) dimensions are kept; each parameter's own are flattened.
+        return torch.cat([params[n].reshape(*params[n].shape[:params[n].dim() - len(s)], -1)
+                          for n, s in zip(names, shapes)], -1)
+
+    inner = GradientDescent(case["steps"], case["lr"], True)
+    common = dict(lam=case["lam"], fused=True)
+    phi, _ = MetaLearner(model, "imaml", inner, **common).adapt(theta, tasks)
+    flat_phi = flatten(phi)
+    hessians = vmap(lambda p, x, y: hessian(lambda f: model.loss(unflatten(f), x, y))(p))(
+        flat_phi, tasks.support_x, tasks.support_y)
+    query_grads = flatten(vmap(grad(model.loss))(phi, tasks.query_x, tasks.query_y))
+    eye = torch.eye(flat_phi.shape[-1], dtype=torch.float64)
+    systems = eye + hessians / case["lam"]
+    spectrum = torch.linalg.eigvalsh(systems)
+    lowest, highest = spectrum[:, 0].min().item(), spectrum[:, -1].max().item()
+    out = {"parameters": flat_phi.shape[-1], "tasks": case["tasks"], "lam": case["lam"],
+           "data": "omniglot" if case["model"] != "sinusoid_mlp" and OMNIGLOT.is_dir() else "generated",
+           "regimes": []}
+    # After a few inner steps on a ReLU net, I + H/λ is often indefinite: there the "exact" answer
+    # is not what either solver approximates. A damping δ (cg.damping) that makes it positive
+    # definite, with the smallest eigenvalue 0.5, compares them where the theory holds.
+    for damping in (0.0, max(0.0, 0.5 - lowest)) if lowest < 0.5 else (0.0,):
+        damped = systems + damping * eye
+        exact = torch.linalg.solve(damped, query_grads.unsqueeze(-1)).squeeze(-1).mean(0)
+        low, high = lowest + damping, highest + damping
+        # Neumann step sizes: half and 0.9 of the convergence bound 2 / λ_max over all tasks, and
+        # Richardson's optimum 2 / (λ_min + λ_max), which needs a positive definite matrix.
+        step_sizes = {"0.5 * 2/eig_max": 1.0 / high, "0.9 * 2/eig_max": 1.8 / high}
+        if low > 0:
+            step_sizes["2/(eig_min+eig_max)"] = 2.0 / (low + high)
+        solvers = [("cg", None, {})]
+        solvers += [("neumann", rule, {"neumann_step_size": alpha}) for rule, alpha in step_sizes.items()]
+        regime = {"damping": damping, "eig_min": low, "eig_max": high, "rows": []}
+        for steps in spec["steps"]:
+            for solver, rule, options in solvers:
+                learner = MetaLearner(model, "imaml", inner, cg_steps=steps, cg_solver=solver, cg_damping=damping,
+                                      **options, **common)
+                grads, metrics = learner.meta_gradient(theta, tasks)
+                regime["rows"].append({"solver": solver, "steps": steps, "step_size": options.get("neumann_step_size"),
+                                       "step_size_rule": rule,
+                                       "relative_error": ((flatten(grads) - exact).norm() / exact.norm()).item(),
+                                       "residual": metrics["cg_residual"].mean().item()})
+        out["regimes"].append(regime)
+    return out
+
+
 # ----------------------------------------------------------------------------------- parent side
 
 def machine(device: str) -> dict:
@@ -400,50 +492,10 @@ def plot_scaling(scaling: dict, path: Path, cuda: bool, cap: float) -> bool:
     return True
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="a small subset, for a smoke test")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
-    parser.add_argument("--reps", type=int, default=5, help="timed meta-steps per case (after 1 warm-up)")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per case, at most")
-    parser.add_argument("--memory-cap", type=float, default=10.0, help="GiB; MAML runs predicted above it are skipped")
-    parser.add_argument("--json", type=Path, help="default: docs/benchmark_results.json (--quick: a temp dir)")
-    parser.add_argument("--plot", type=Path, help="default: docs/inner_step_scaling.png (--quick: a temp dir)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fused passes (slow)")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.worker:
-        kind, spec = args.worker
-        runner = {"time": run_worker, "accuracy": run_accuracy, "sampling": run_sampling, "compile": run_compile}[kind]
-        print("RESULT " + json.dumps(runner(json.loads(spec))))
-        return
-
-    out_dir = Path(tempfile.gettempdir()) / "imaml_benchmark_quick" if args.quick else REPO / "docs"
-    args.json = args.json or out_dir / "benchmark_results.json"
-    args.plot = args.plot or out_dir / "inner_step_scaling.png"
+def speed_suite(args, base: dict, results: dict, timed) -> None:
+    """Sections 1-6: every algorithm and case, the speed switches, batching, inner-step scaling,
+    reduced precision, episode sampling (and torch.compile with ``--compile``)."""
     cuda = args.device == "cuda"
-    base = dict(device=args.device, threads=args.threads or None, warmup=1, reps=2 if args.quick else args.reps,
-                budget_s=3.0 if args.quick else args.budget)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(args.device),
-               "load_before": load(), "memory_cap_gib": args.memory_cap}
-    started = time.perf_counter()
-    probe: dict = {}
-
-    def timed(case_name, method, options=None, steps=None):
-        case = dict(CASES[case_name])
-        if steps is not None:
-            case["steps"] = steps
-        if args.quick:
-            case["tasks"] = min(case["tasks"], 4)
-        spec = dict(base, case=case, method=method, options=options or {})
-        if method == "maml" and not args.quick:
-            return capped(spec, args.memory_cap, cuda, probe)
-        return spawn("time", spec)
-
-    if args.quick:
-        print("--quick: meta-batches of at most 4 tasks, 2 timed steps; numbers are for smoke-testing only")
     # 1. Every algorithm on every case.
     case_names = ["omniglot_5w1s", "sinusoid"] if args.quick else list(CASES)
     methods = ("imaml-gd", "fomaml") if args.quick else METHODS
@@ -529,6 +581,90 @@ def main():
         print_table("torch.compile of the fused passes (omniglot_5w1s)", ["quantity", "value"],
                     [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in r.items()])
 
+
+def compare_solvers(args, base: dict, results: dict, timed) -> None:
+    """Section 7: CG against the Neumann series, meta-gradient error (against a dense solve) and time."""
+    steps_list = SOLVER_QUICK_STEPS if args.quick else SOLVER_STEPS
+    results["solvers"] = {"accuracy": {}, "timing": {}}
+    for case_name in ("sinusoid", "omniglot_5w1s"):
+        # At most 8 tasks: the dense Hessians of a whole meta-batch would take gigabytes.
+        case = dict(CASES[case_name], tasks=min(CASES[case_name]["tasks"], 4 if args.quick else 8))
+        r = spawn("solvers", dict(base, case=case, steps=steps_list))
+        results["solvers"]["accuracy"][case_name] = r
+        if "error" in r:
+            print(f"\nSolver accuracy on {case_name} failed: {r['error']}")
+            continue
+        for regime in r["regimes"]:
+            rows = [[row["solver"], row["steps"], row["step_size_rule"] or "",
+                     f"{row['step_size']:.3g}" if row["step_size"] else "",
+                     f"{row['relative_error']:.2e}", f"{row['residual']:.2e}"] for row in regime["rows"]]
+            print_table(f"Meta-gradient error against a dense solve, {case_name} ({r['data']} data, "
+                        f"{r['parameters']} parameters, {r['tasks']} tasks, λ = {r['lam']}, damping δ = "
+                        f"{regime['damping']:.3g}: eigenvalues of I + H/λ + δI in [{regime['eig_min']:.3g}, "
+                        f"{regime['eig_max']:.3g}]; float64)",
+                        ["solver", "steps", "Neumann step size", "α", "relative error", "mean residual"], rows)
+    rows = []
+    for case_name in ("sinusoid", "omniglot_5w1s"):
+        for steps in (steps_list[0], steps_list[-1]):
+            for solver in ("cg", "neumann"):
+                r = timed(case_name, "imaml-gd", {"cg_solver": solver, "cg_steps": steps})
+                results["solvers"]["timing"][f"{case_name}/{solver}/{steps}"] = r
+                rows.append(timing_row(f"{case_name}, {solver}, {steps} steps", r, args.device == "cuda"))
+    print_table("Seconds per iMAML-GD meta-step by implicit solver (default settings otherwise)",
+                ["case, solver, steps", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="a small subset, for a smoke test")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--reps", type=int, default=5, help="timed meta-steps per case (after 1 warm-up)")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per case, at most")
+    parser.add_argument("--memory-cap", type=float, default=10.0, help="GiB; MAML runs predicted above it are skipped")
+    parser.add_argument("--json", type=Path, help="default: docs/benchmark_results.json, with --solvers "
+                        "docs/benchmark_solvers.json (--quick: a temp dir)")
+    parser.add_argument("--plot", type=Path, help="default: docs/inner_step_scaling.png (--quick: a temp dir)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fused passes (slow)")
+    parser.add_argument("--solvers", action="store_true", help="only section 7, CG against the Neumann series")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, spec = args.worker
+        runner = {"time": run_worker, "accuracy": run_accuracy, "sampling": run_sampling, "compile": run_compile,
+                  "solvers": run_solver_accuracy}[kind]
+        print("RESULT " + json.dumps(runner(json.loads(spec))))
+        return
+
+    out_dir = Path(tempfile.gettempdir()) / "imaml_benchmark_quick" if args.quick else REPO / "docs"
+    args.json = args.json or out_dir / ("benchmark_solvers.json" if args.solvers else "benchmark_results.json")
+    args.plot = args.plot or out_dir / "inner_step_scaling.png"
+    cuda = args.device == "cuda"
+    base = dict(device=args.device, threads=args.threads or None, warmup=1, reps=2 if args.quick else args.reps,
+                budget_s=3.0 if args.quick else args.budget)
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(args.device),
+               "load_before": load(), "memory_cap_gib": args.memory_cap}
+    started = time.perf_counter()
+    probe: dict = {}
+
+    def timed(case_name, method, options=None, steps=None):
+        case = dict(CASES[case_name])
+        if steps is not None:
+            case["steps"] = steps
+        if args.quick:
+            case["tasks"] = min(case["tasks"], 4)
+        spec = dict(base, case=case, method=method, options=options or {})
+        if method == "maml" and not args.quick:
+            return capped(spec, args.memory_cap, cuda, probe)
+        return spawn("time", spec)
+
+    if args.quick:
+        print("--quick: meta-batches of at most 4 tasks, 2 timed steps; numbers are for smoke-testing only")
+    if not args.solvers:
+        speed_suite(args, base, results, timed)
+    compare_solvers(args, base, results, timed)
+
     results["load_after"] = load()
     results["wall_s"] = time.perf_counter() - started
     m = results["machine"]
@@ -537,7 +673,7 @@ def main():
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.json}")
-    if plot_scaling(results["scaling"], args.plot, cuda, args.memory_cap):
+    if "scaling" in results and plot_scaling(results["scaling"], args.plot, cuda, args.memory_cap):
         print(f"wrote {args.plot}")
 
 
