@@ -1,0 +1,83 @@
+"""How well each inner solver solves iMAML's inner problem at a checkpoint's θ: the proximal
+objective L̂(φ) + λ/2‖φ − θ‖², its gradient norm at φ (0 at the exact minimiser the implicit gradient
+assumes), the post-adaptation query accuracy, and the time, for GD and for Newton-CG (HF) at
+several step counts, on the same meta-batch of training tasks.
+
+    python scripts/inner_solver_convergence.py ~/imaml-runs/5w1s_imaml_gd/checkpoints/last.pt \
+        --root ../shared/data/omniglot --gd 16 --hf 1 2 3 5 8
+
+It chose the presets' `inner_steps.hf` (README, configuration).
+"""
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--root", help="dataset.root, where the checkpoint's differs")
+    parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--gd", type=int, nargs="+", default=[16], help="GD step counts")
+    parser.add_argument("--hf", type=int, nargs="+", default=[1, 2, 3, 5, 8], help="Newton iteration counts")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+    from torch.func import grad_and_value, vmap
+
+    from imaml_cli.config import validate
+    from imaml_cli.engine import components
+    from imaml_cli.engine.checkpoint import load_checkpoint, load_params
+    from imaml_cli.engine.evaluation_run import apply_overrides
+    from imaml_cli.meta import tree
+    from imaml_cli.meta.inner import GradientDescent, NewtonCG, proximal
+
+    state = load_checkpoint(args.checkpoint)
+    with initialize_config_module("imaml_cli.conf", version_base="1.3"):
+        defaults = compose("train")
+    # As imaml-eval does: settings newer than the checkpoint take today's defaults.
+    stored = apply_overrides(OmegaConf.create(state["config"]), defaults, [])
+    if args.root:
+        stored.dataset.root = args.root
+    config = validate(stored)
+    device = torch.device("cpu")
+    network = components.build_network(config, device)
+    load_params(network, state, args.checkpoint)
+    learner = components.build_learner(config, network, device)
+    theta = {k: v.detach() for k, v in network.named_parameters()}
+    source = components.build_source(config, "train", device)
+    tasks = source.sample(args.tasks, torch.Generator().manual_seed(args.seed))
+    lam = config["algorithm"]["lam"]
+    model = learner.model
+
+    def objective_and_gradient_norm(phi):
+        def one(phi_task, xs, ys):
+            g, value = grad_and_value(proximal(lambda p: model.loss(p, xs, ys), theta, lam))(phi_task)
+            return value, torch.sqrt(tree.dot(g, g))
+
+        return vmap(one)(phi, tasks.support_x, tasks.support_y)
+
+    solvers = [(f"GD, {n} steps (lr {config['inner_solver']['lr']}, backtracking)",
+                GradientDescent(n, config["inner_solver"]["lr"], config["inner_solver"]["backtrack"])) for n in args.gd]
+    solvers += [(f"HF, {n} Newton iterations x {config['inner_solver']['cg_steps']} CG",
+                 NewtonCG(n, config["inner_solver"]["cg_steps"], config["perf"]["hvp"])) for n in args.hf]
+    print(f"{args.checkpoint} (meta-step {state['step']}), {args.tasks} training tasks, λ = {lam}")
+    print("| inner solver | proximal objective (median) | ‖gradient‖ at φ (median) | query accuracy | seconds |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, inner in solvers:
+        learner_now = dataclasses.replace(learner, inner=inner)
+        started = time.perf_counter()
+        phi, metrics = learner_now.adapt(theta, tasks)
+        seconds = time.perf_counter() - started
+        value, norm = objective_and_gradient_norm(tree.detach(phi))
+        accuracy = 100 * metrics["post_query_accuracy"].mean().item()
+        print(f"| {name} | {value.median().item():.4f} | {norm.median().item():.4f} | {accuracy:.1f}% | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
