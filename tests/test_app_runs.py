@@ -2,32 +2,69 @@
 
 import hashlib
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from conftest import QUICK, REPO, compose, run_cli
+from imaml_cli.engine import components, loop
 from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from imaml_cli.engine.loop import train
 from imaml_cli.errors import UserError
+
+TESTS = Path(__file__).resolve().parent
 
 
 def final_state(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
+def returned_values(target, name: str):
+    """Patch ``target.name`` to record what each call returns; yields the list of returns."""
+    original = getattr(target, name)
+    values = []
+
+    def record(*args, **kwargs):
+        values.append(original(*args, **kwargs))
+        return values[-1]
+    return mock.patch.object(target, name, side_effect=record), values
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Parameters, optimizer state and the episode sampler's state, bit for bit."""
+    assert a["step"] == b["step"]
+    assert a["params"].keys() == b["params"].keys()
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name])), name
+    assert torch.equal(a["rng"]["sampler"], b["rng"]["sampler"])
+
+
 @pytest.mark.parametrize("overrides", [
     ["algorithm=imaml"], ["algorithm=imaml", "inner_solver=hf"], ["algorithm=maml"], ["algorithm=fomaml"],
     ["algorithm=reptile", "outer_optimizer=sgd"]], ids=lambda o: "-".join(v.split("=")[1] for v in o))
 def test_each_algorithm_and_solver_trains_end_to_end(tmp_path, overrides):
-    score = train(compose(QUICK + overrides), tmp_path)
+    patch, evaluations = returned_values(loop, "evaluate")
+    with patch:
+        score = train(compose(QUICK + overrides), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta_steps"] == 4 and results["checkpoint"] == "best"
     assert results["test"]["episodes"] == 8 and len(results["test"]["per_episode"]) == 8
-    assert score == results["best_val"] and score > 0
+    # The score is the best (lowest) validation MSE of the run, from the validations at steps 2 and 4.
+    validations = [r.mean for r in evaluations if r.split == "val"]
+    assert len(validations) == 2 and all(math.isfinite(v) for v in validations)
+    assert score == results["best_val"] == min(validations)
+    assert results["best_step"] == 2 * (1 + validations.index(score))
+    assert [r.mean for r in evaluations if r.split == "test"] == [results["test"]["mean"]]
     state = final_state(tmp_path)
     assert state["step"] == 4
     # The outer optimizer moved the parameters away from their initialisation.
@@ -81,7 +118,13 @@ def test_resume_from_a_given_checkpoint_into_a_new_run(tmp_path):
     train(compose(QUICK), tmp_path / "first")
     checkpoint = tmp_path / "first" / "checkpoints" / "last.pt"
     train(compose(QUICK + ["train.meta_steps=6", f"train.resume={checkpoint}"]), tmp_path / "second")
+    # The 2 further steps continue exactly where the first run stopped: a straight 6-step run.
+    train(compose(QUICK + ["train.meta_steps=6"]), tmp_path / "straight")
+    assert_same_state(final_state(tmp_path / "second"), final_state(tmp_path / "straight"))
     assert final_state(tmp_path / "second")["step"] == 6
+    second, straight = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("second", "straight"))
+    assert (second["best_val"], second["best_step"]) == (straight["best_val"], straight["best_step"])
+    assert second["test"]["per_episode"] == straight["test"]["per_episode"]
     with pytest.raises(UserError, match="trained with dataset.name='sinusoid'"):
         train(compose(["train.meta_steps=6", f"train.resume={checkpoint}"]), tmp_path / "third")
 
@@ -121,15 +164,35 @@ def test_train_cli_prints_the_result_line(finished_run):
     assert (folder / "run" / "train.log").read_text().count("val MSE") == 2
 
 
+def evaluate_in_process(overrides: list[str], run_dir: Path):
+    """imaml-eval's work in this process, with the learner it built and the scores it computed."""
+    from imaml_cli.engine import evaluation_run
+
+    learners, built = returned_values(components, "build_learner")
+    results, evaluated = returned_values(evaluation_run, "evaluate")
+    with learners, results:
+        mean = evaluation_run.evaluate_checkpoint(compose(overrides, config_name="eval"), overrides, run_dir)
+    (learner,), (result,) = built, evaluated
+    assert mean == result.mean
+    return learner, result
+
+
 def test_eval_cli_with_overrides_writes_json(finished_run, tmp_path):
     folder, _ = finished_run
-    result = run_cli("imaml-eval", f"checkpoint={folder / 'run' / 'checkpoints' / 'best.pt'}", "eval.episodes=12",
-                     "inner_solver.steps=3", "eval.split=val", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    checkpoint = folder / "run" / "checkpoints" / "best.pt"
+    overrides = [f"checkpoint={checkpoint}", "eval.episodes=12", "inner_solver.steps=3", "eval.split=val"]
+    result = run_cli("imaml-eval", *overrides, f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "val MSE" in result.stdout and "12 episodes" in result.stdout
-    report = json.loads((tmp_path / "eval.json").read_text())
+    report = json.loads((tmp_path / "cli" / "eval.json").read_text())
     assert report["episodes"] == 12 and len(report["per_episode"]) == 12 and report["split"] == "val"
     assert "inner_solver.steps=3" in report["overrides"]
+    # The overrides reached the learner and the evaluation, and the command computed what they say.
+    learner, scores = evaluate_in_process(overrides, tmp_path / "in_process")
+    stored = load_checkpoint(checkpoint)["config"]
+    assert "steps: 2" in stored and learner.inner.steps == 3
+    assert (scores.split, scores.episodes) == ("val", 12)
+    assert report["per_episode"] == pytest.approx(scores.per_episode, rel=0, abs=0)
 
 
 def test_eval_of_a_checkpoint_that_predates_a_setting_uses_its_default(finished_run, tmp_path):
@@ -139,16 +202,21 @@ def test_eval_of_a_checkpoint_that_predates_a_setting_uses_its_default(finished_
     state["config"] = state["config"].replace("  backtrack: true\n", "")
     old = tmp_path / "old.pt"
     save_checkpoint(state, old)
-    result = run_cli("imaml-eval", f"checkpoint={old}", "eval.episodes=4", "inner_solver.backtrack=false",
-                     f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    overrides = [f"checkpoint={old}", "eval.episodes=4", "inner_solver.backtrack=false"]
+    result = run_cli("imaml-eval", *overrides, f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "predates inner_solver.backtrack" in result.stdout + result.stderr
-    assert "inner_solver.backtrack=false" in json.loads((tmp_path / "eval.json").read_text())["overrides"]
+    assert "inner_solver.backtrack=false" in json.loads((tmp_path / "cli" / "eval.json").read_text())["overrides"]
+    # Without the override the missing setting takes today's default (true); with it, false.
+    learner, _ = evaluate_in_process(overrides, tmp_path / "in_process")
+    assert learner.inner.backtrack is False
+    learner, _ = evaluate_in_process(overrides[:2], tmp_path / "default")
+    assert learner.inner.backtrack is True
 
 
 @pytest.mark.parametrize("args, message", [
     (["checkpoint=/nonexistent/last.pt"], "checkpoint /nonexistent/last.pt does not exist"),
-    ([], "no checkpoint given; run imaml-eval checkpoint=PATH"),
+    ([], "no checkpoint given; run imaml-eval checkpoint="),
     (["checkpoint={run}/train.log"], "is not a readable imaml checkpoint"),
     (["checkpoint={run}/checkpoints/best.pt", "dataset.ways=7", "experiment=omniglot_5w1s"],
      "experiment=... cannot change at evaluation"),
@@ -191,20 +259,34 @@ def test_train_cli_refuses_bad_input_and_keeps_the_existing_run(finished_run, tm
     assert digest(folder / "run") == before
 
 
-def test_two_job_sweep_with_the_basic_launcher(tmp_path):
-    result = run_cli("imaml-train", "-m", *QUICK, "algorithm.lam=0.5,1.0", f"hydra.sweep.dir={tmp_path}",
-                     cwd=tmp_path)
+@pytest.fixture(scope="module")
+def two_job_sweep(tmp_path_factory):
+    """A two-job sweep through the console script; a Hydra callback records what each job returned
+    to the sweeper."""
+    folder = tmp_path_factory.mktemp("sweep")
+    returned = folder / "returned.jsonl"
+    result = run_cli("imaml-train", "-m", *QUICK, "algorithm.lam=0.5,1.0", f"hydra.sweep.dir={folder / 'sweep'}",
+                     "+hydra.callbacks.record._target_=hydra_callbacks.RecordReturnValue",
+                     f"+hydra.callbacks.record.path={returned}", cwd=folder,
+                     env={"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))})
     assert result.returncode == 0, result.stderr
+    return folder / "sweep", [json.loads(line) for line in returned.read_text().splitlines()]
+
+
+def test_two_job_sweep_with_the_basic_launcher(two_job_sweep):
+    sweep, _ = two_job_sweep
     for job in ("0", "1"):
-        assert json.loads((tmp_path / job / "results.json").read_text())["meta_steps"] == 4
-    lams = [load_checkpoint(tmp_path / j / "checkpoints" / "last.pt")["config"] for j in ("0", "1")]
+        assert json.loads((sweep / job / "results.json").read_text())["meta_steps"] == 4
+    lams = [load_checkpoint(sweep / j / "checkpoints" / "last.pt")["config"] for j in ("0", "1")]
     assert "lam: 0.5" in lams[0] and "lam: 1.0" in lams[1]
 
 
-def test_sweep_returns_the_validation_score():
-    from imaml_cli.train import main
-
-    assert main.__wrapped__.__annotations__["return"] is float
+def test_sweep_returns_the_validation_score(two_job_sweep):
+    sweep, returned = two_job_sweep
+    assert sorted(r["job"] for r in returned) == [0, 1]
+    for r in returned:
+        results = json.loads((sweep / str(r["job"]) / "results.json").read_text())
+        assert r["value"] == results["best_val"] == results["score"] and isinstance(r["value"], float)
 
 
 def test_regular_install_finds_its_configs_from_any_folder(tmp_path):
@@ -219,7 +301,8 @@ def test_regular_install_finds_its_configs_from_any_folder(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "ways: 20" in result.stdout and "steps: 25" in result.stdout
+    # The preset's own values (the default experiment has 5 ways and 16 GD steps).
+    assert "ways: 20" in result.stdout and "  gd: 25" in result.stdout
     assert str(target) in subprocess.run(
         [sys.executable, "-c", "import imaml_cli; print(imaml_cli.__file__)"], cwd=tmp_path, capture_output=True,
         text=True, env={"PYTHONPATH": str(target)}).stdout
@@ -227,5 +310,8 @@ def test_regular_install_finds_its_configs_from_any_folder(tmp_path):
 
 def test_console_script_help_from_another_folder(tmp_path):
     result = run_cli("imaml-train", "--help", cwd=tmp_path)
-    assert result.returncode == 0 and "experiment: miniimagenet_5w1s" in result.stdout.replace(",", "\n") or \
-        "miniimagenet_5w1s" in result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    # The help lists the packaged presets, so the script found its configs from an unrelated folder.
+    experiments = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert len(experiments) >= 7 and all(name in result.stdout for name in experiments), result.stdout
