@@ -12,8 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from imaml_cli.errors import UserError
 
-DATASETS = ("omniglot", "miniimagenet", "sinusoid")
-MODELS = {"omniglot_conv": "omniglot", "miniimagenet_conv": "miniimagenet", "sinusoid_mlp": "sinusoid"}
+DATASETS = ("omniglot", "miniimagenet", "sinusoid", "image_folder")
+# Each built-in model and the dataset it is made for; model=custom (model._target_) takes any.
+MODELS = {"omniglot_conv": "omniglot", "miniimagenet_conv": "miniimagenet", "sinusoid_mlp": "sinusoid",
+          "image_conv": "image_folder", "custom": None}
+# The images (channels, side) the two paper networks take: on dataset=image_folder they run when
+# the folder's images are made that shape.
+CONV_INPUTS = {"omniglot_conv": (1, 28), "miniimagenet_conv": (3, 84)}
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 
 
@@ -50,6 +55,23 @@ def _str() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, str) and v != ""), "a non-empty string"
 
 
+def _optional_numbers(minimum: float, inclusive: bool) -> tuple[Callable[[Any], bool], str]:
+    check, accepted = _number(minimum, inclusive)
+    return ((lambda v: v is None or (isinstance(v, list) and len(v) > 0 and all(map(check, v)))),
+            f"null or a list of numbers, each {accepted.removeprefix('a number ')}")
+
+
+def _fractions() -> tuple[Callable[[Any], bool], str]:
+    check, _ = _number(0, inclusive=True)
+    return ((lambda v: isinstance(v, list) and len(v) == 3 and all(map(check, v)) and abs(sum(v) - 1) < 1e-6),
+            "three numbers >= 0 that sum to 1, e.g. [0.64,0.16,0.2]")
+
+
+def _target() -> tuple[Callable[[Any], bool], str]:
+    return ((lambda v: isinstance(v, str) and "." in v),
+            "the dotted name of a torch.nn.Module class or factory, e.g. mypackage.nets.MyNet")
+
+
 SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "device": _choice("auto", "cpu", "cuda"),
     "dataset.name": _choice(*DATASETS),
@@ -61,8 +83,6 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset.rotations": _bool(),
     "dataset.cache_dir": _optional_str(),
     "model.name": _choice(*MODELS),
-    "model.activation": _choice("relu", "softplus", "tanh"),
-    "model.conv_impl": _choice("im2col", "native"),
     "algorithm.name": _choice(*ALGORITHMS),
     "algorithm.lam": _number(0, inclusive=False),
     "inner_steps.gd": _int(1),
@@ -75,6 +95,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cg.steps": _int(1),
     "cg.damping": _number(0, inclusive=True),
     "cg.stop_at_negative_curvature": _bool(),
+    "cg.solver": _choice("cg", "neumann"),
+    "cg.step_size": _number(0, inclusive=False),
     "outer_optimizer.name": _choice("adam", "sgd"),
     "outer_optimizer.lr": _number(0, inclusive=False),
     "outer_optimizer.weight_decay": _number(0, inclusive=True),
@@ -98,6 +120,29 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "perf.fused": _bool(),
     "perf.hvp": _choice("forward_over_reverse", "reverse_over_reverse"),
     "perf.precision": _choice("ieee", "bf16", "tf32"),
+}
+
+# Keys that only some choices have: required with that choice, unknown without it. A custom
+# model's other keys are its constructor's arguments and are not checked here.
+BUILTIN_MODEL_SCHEMA = {
+    "model.activation": _choice("relu", "softplus", "tanh"),
+    "model.conv_impl": _choice("im2col", "native"),
+}
+CHOICE_SCHEMAS = {
+    ("dataset.name", "image_folder"): {
+        "dataset.image_size": _int(1),
+        "dataset.channels": _choice(1, 3),
+        "dataset.mean": _optional_numbers(0, inclusive=True),
+        "dataset.std": _optional_numbers(0, inclusive=False),
+        "dataset.class_lists": _optional_str(),
+        "dataset.split_fractions": _fractions(),
+        "dataset.split_seed": _int(0),
+    },
+    ("model.name", "image_conv"): {
+        "model.width": _int(1),
+        "model.downsample": _choice("pool", "stride"),
+    },
+    ("model.name", "custom"): {"model._target_": _target()},
 }
 
 # Keys that only one entry point has.
@@ -131,11 +176,17 @@ def validate(cfg: DictConfig, extra_keys: tuple[str, ...] = ()) -> dict:
     flat = _flatten(plain)
     schema = dict(SCHEMA)
     schema.update({k: EXTRA_KEYS[k] for k in extra_keys})
+    for (key, value), keys in CHOICE_SCHEMAS.items():
+        if flat.get(key) == value:
+            schema.update(keys)
+    custom = flat.get("model.name") == "custom"
+    if not custom:
+        schema.update(BUILTIN_MODEL_SCHEMA)
     for key in flat:
-        if key not in schema:
+        if key not in schema and not (custom and key.startswith("model.")):
             raise UserError(f"unknown config key '{key}'; the README's configuration table lists every key")
     for key, (check, accepted) in schema.items():
-        if key not in flat:
+        if key not in flat or flat[key] == "???":  # ???: a value the config leaves to the command line
             raise UserError(f"config key '{key}' is missing; set {key}=... ({accepted})")
         if not check(flat[key]):
             raise UserError(f"{key}={flat[key]!r} is invalid: expected {accepted}")
@@ -145,7 +196,14 @@ def validate(cfg: DictConfig, extra_keys: tuple[str, ...] = ()) -> dict:
 
 def _check_combinations(c: dict[str, Any]) -> None:
     dataset, model = c["dataset.name"], c["model.name"]
-    if MODELS[model] != dataset:
+    if dataset == "image_folder" and model in CONV_INPUTS:
+        channels, side = CONV_INPUTS[model]
+        if (c["dataset.channels"], c["dataset.image_size"]) != (channels, side):
+            raise UserError(f"model={model} takes {channels}x{side}x{side} images but dataset.channels="
+                            f"{c['dataset.channels']} and dataset.image_size={c['dataset.image_size']}; use "
+                            f"model=image_conv (it follows the dataset) or set dataset.channels={channels} "
+                            f"dataset.image_size={side}")
+    elif model != "custom" and MODELS[model] != dataset:
         suggestion = next(m for m, d in MODELS.items() if d == dataset)
         raise UserError(f"model={model} is built for {MODELS[model]} inputs but dataset={dataset}; "
                         f"use model={suggestion} or an experiment preset")
@@ -156,10 +214,28 @@ def _check_combinations(c: dict[str, Any]) -> None:
     if c["algorithm.name"] != "imaml" and c["inner_solver.name"] != "gd":
         raise UserError(f"algorithm={c['algorithm.name']} adapts by gradient descent; "
                         "use inner_solver=gd (hf is for imaml)")
-    if (c["perf.hvp"] == "reverse_over_reverse" and c["model.conv_impl"] == "native" and c["perf.vectorize"]
+    if dataset == "image_folder":
+        _check_image_folder(c)
+    if (c["perf.hvp"] == "reverse_over_reverse" and c.get("model.conv_impl") == "native" and c["perf.vectorize"]
             and dataset != "sinusoid"):
         raise UserError("perf.hvp=reverse_over_reverse cannot run with model.conv_impl=native under vmap "
                         "(batch norm's double backward); use model.conv_impl=im2col or perf.hvp=forward_over_reverse")
     if c["dataset.download"] and dataset == "miniimagenet":
         raise UserError("dataset.download=true is not possible for miniimagenet (no official download); "
                         "set dataset.download=false and put the data under dataset.root")
+
+
+def _check_image_folder(c: dict[str, Any]) -> None:
+    if c["dataset.download"]:
+        raise UserError("dataset.download=true is not possible for image_folder (your own images); "
+                        "set dataset.download=false")
+    mean, std, channels = c["dataset.mean"], c["dataset.std"], c["dataset.channels"]
+    if (mean is None) != (std is None):
+        raise UserError("dataset.mean and dataset.std go together: set both (one number per channel) or "
+                        "neither (pixels scaled to [0, 1])")
+    for key, values in (("dataset.mean", mean), ("dataset.std", std)):
+        if values is not None and len(values) != channels:
+            raise UserError(f"{key} has {len(values)} values but dataset.channels={channels}; give one per channel")
+    if c["model.name"] == "image_conv" and c["model.downsample"] == "pool" and c["dataset.image_size"] < 16:
+        raise UserError(f"model.downsample=pool halves the image four times and needs dataset.image_size >= 16, "
+                        f"not {c['dataset.image_size']}; use model.downsample=stride or larger images")

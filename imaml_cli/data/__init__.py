@@ -11,7 +11,7 @@ from imaml_cli.data.episodes import ClassificationEpisodes, TaskBatch, fixed_epi
 from imaml_cli.data.sinusoid import SinusoidTasks
 from imaml_cli.errors import UserError
 
-DATASETS = ("omniglot", "miniimagenet", "sinusoid")
+DATASETS = ("omniglot", "miniimagenet", "sinusoid", "image_folder")
 SPLITS = ("train", "val", "test")
 DEFAULT_IMAGE_SIZE = {"omniglot": 28, "miniimagenet": 84}
 
@@ -22,13 +22,15 @@ __all__ = ["ClassificationEpisodes", "SinusoidTasks", "TaskBatch", "default_cach
 def make_episode_source(name: str, split: str, *, root: str | os.PathLike | None, ways: int,
                         shots: int, queries: int, device: torch.device | str,
                         download: bool = False, cache_dir: str | os.PathLike | None = None,
-                        rotations: bool = True, image_size: int | None = None,
+                        rotations: bool = True, image_size: int | None = None, **folder,
                         ) -> ClassificationEpisodes | SinusoidTasks:
     """The episode source for ``dataset.name`` and ``split``, with image data on ``device``.
 
     The sinusoid ignores ``root`` and ``ways`` and has the same task distribution in every split
     (evaluation draws other tasks through its own seed). ``download`` and ``rotations`` only
-    apply to Omniglot; ``image_size`` defaults to ``DEFAULT_IMAGE_SIZE``.
+    apply to Omniglot (``rotations`` to image_folder too); ``image_size`` defaults to
+    ``DEFAULT_IMAGE_SIZE``. ``folder`` holds image_folder's own options (``channels``, ``mean``,
+    ``std``, ``class_lists``, ``split_fractions``, ``split_seed``; see ``load_image_folder``).
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset.name {name!r}; choose one of {', '.join(DATASETS)}")
@@ -38,6 +40,15 @@ def make_episode_source(name: str, split: str, *, root: str | os.PathLike | None
         return SinusoidTasks(shots, queries, device=device)
     if root is None:
         raise UserError(f"dataset.root is not set; point it at the folder holding the {name} data")
+    if name == "image_folder":
+        from imaml_cli.data import image_folder
+
+        mean, std = folder.pop("mean", None), folder.pop("std", None)
+        data = image_folder.load_image_folder(root, split, image_size=image_size, rotations=rotations,
+                                              cache_dir=cache_dir, **folder)
+        image_folder.check_fits(data, split, ways, shots, queries)
+        return ClassificationEpisodes(data.images, ways, shots, queries, mean=mean, std=std, device=device,
+                                      name=f"the {split!r} split of {data.where}", counts=data.counts)
     size = DEFAULT_IMAGE_SIZE[name] if image_size is None else image_size
     # Imported on demand: the loaders pull in PIL and numpy.
     if name == "omniglot":

@@ -43,30 +43,41 @@ def check_positive(value: object, name: str) -> int:
 class ClassificationEpisodes:
     """N-way K-shot episodes with Q queries per class from a ``[classes, n, C, H, W]`` uint8 set.
 
-    Labels 0..N-1 go to the task's classes in a random order. Pixels are scaled to [0, 1] and,
-    when ``mean``/``std`` are given, normalised per channel.
+    With ``counts``, classes may differ in size: ``images`` is ``[n, C, H, W]``, the images of
+    class 0 first, ``counts[c]`` of class c. Labels 0..N-1 go to the task's classes in a random
+    order. Pixels are scaled to [0, 1] and, when ``mean``/``std`` are given, normalised per channel.
     """
 
     kind = "classification"
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 device: torch.device | str | None = None, name: str = "the dataset"):
+                 device: torch.device | str | None = None, name: str = "the dataset",
+                 counts: Sequence[int] | None = None):
         self.ways = check_positive(ways, "dataset.ways")
         self.shots = check_positive(shots, "dataset.shots")
         self.queries = check_positive(queries, "dataset.queries")
-        num_classes, per_class = images.shape[:2]
+        if counts is None:
+            counts = [images.shape[1]] * images.shape[0]
+            images = images.flatten(0, 1)
+        self._counts = torch.tensor(counts, dtype=torch.long)
+        if int(self._counts.sum()) != images.shape[0]:
+            raise ValueError(f"counts add up to {int(self._counts.sum())} images, not the {images.shape[0]} given")
+        num_classes, per_class, fewest = len(counts), max(counts), min(counts)
         if ways > num_classes:
             raise UserError(f"dataset.ways={ways} but {name} has only {num_classes} classes; "
                             f"lower dataset.ways")
-        if shots + queries > per_class:
+        if shots + queries > fewest:
             raise UserError(f"dataset.shots={shots} + dataset.queries={queries} = "
-                            f"{shots + queries} but {name} has only {per_class} images per "
-                            f"class; lower dataset.shots or dataset.queries")
+                            f"{shots + queries} but {name} has only {fewest} images "
+                            f"{'per class' if fewest == per_class else 'in its smallest class'}; "
+                            f"lower dataset.shots or dataset.queries")
         self.device = torch.device(device) if device is not None else images.device
-        self.input_shape = tuple(images.shape[2:])
+        self.input_shape = tuple(images.shape[1:])
         self.num_classes, self.per_class = num_classes, per_class
-        self._images = images.to(self.device).reshape(num_classes * per_class, *self.input_shape)
+        self._uneven = fewest != per_class
+        self._offsets = self._counts.cumsum(0) - self._counts
+        self._images = images.to(self.device)
         # x_float = x_uint8 * scale - shift applies [0, 1] scaling and normalisation in one pass.
         channels = self.input_shape[0]
         mean_t = torch.tensor(mean if mean is not None else [0.0] * channels)
@@ -79,8 +90,12 @@ class ClassificationEpisodes:
         u = torch.rand(num_tasks, self.num_classes + n * self.per_class, generator=generator)
         # The top-N of i.i.d. uniforms is a uniformly random N-subset in uniformly random order.
         classes = u[:, :self.num_classes].topk(n, dim=1).indices
-        picks = u[:, self.num_classes:].view(num_tasks, n, self.per_class).topk(k + q, dim=2)
-        flat = (classes.unsqueeze(2) * self.per_class + picks.indices).to(self.device)
+        draws = u[:, self.num_classes:].view(num_tasks, n, self.per_class)
+        if self._uneven:
+            # Slots past a class's own count rank below every real image, so topk never picks them.
+            draws = draws.masked_fill(torch.arange(self.per_class) >= self._counts[classes].unsqueeze(2), -1.0)
+        picks = draws.topk(k + q, dim=2)
+        flat = (self._offsets[classes].unsqueeze(2) + picks.indices).to(self.device)
         labels = torch.arange(n, device=self.device)
         return TaskBatch(
             self._gather(flat[:, :, :k]),

@@ -2,13 +2,15 @@
 
 import torch
 
+from imaml_cli.config import CHOICE_SCHEMAS
 from imaml_cli.data import make_episode_source
 from imaml_cli.errors import UserError
 from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.inner import GradientDescent, NewtonCG
 from imaml_cli.meta.precision import SUPPORTED
 from imaml_cli.meta.task import TaskModel
-from imaml_cli.models import build_model
+from imaml_cli.models import build_custom_model, build_model
+from imaml_cli.models.custom import check_reverse_over_reverse
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,7 +30,13 @@ def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     outputs = 1 if task_kind(config) == "regression" else config["dataset"]["ways"]
     torch.manual_seed(config["train"]["seed"])
     model = config["model"]
-    return build_model(model["name"], outputs, model["activation"], model["conv_impl"]).to(device)
+    if model["name"] == "custom":
+        return build_custom_model(model, outputs).to(device)
+    image_conv = {}
+    if model["name"] == "image_conv":
+        image_conv = dict(in_channels=config["dataset"]["channels"], image_size=config["dataset"]["image_size"],
+                          width=model["width"], downsample=model["downsample"])
+    return build_model(model["name"], outputs, model["activation"], model["conv_impl"], **image_conv).to(device)
 
 
 def build_learner(config: dict, network: torch.nn.Module, device: torch.device) -> MetaLearner:
@@ -44,11 +52,18 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
         inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"], backtrack)
     else:
         inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp)
+    custom = config["model"]["name"] == "custom"
+    if custom and hvp == "reverse_over_reverse" and perf["vectorize"] and config["algorithm"]["name"] == "imaml":
+        check_reverse_over_reverse(network, config["model"]["_target_"])
     return MetaLearner(TaskModel(network, task_kind(config)), config["algorithm"]["name"], inner,
                        lam=config["algorithm"]["lam"], cg_steps=config["cg"]["steps"],
                        cg_damping=config["cg"]["damping"],
-                       cg_stop_at_negative_curvature=config["cg"]["stop_at_negative_curvature"], hvp_mode=hvp,
-                       vectorize=perf["vectorize"], fused=perf["fused"], precision=perf["precision"])
+                       cg_stop_at_negative_curvature=config["cg"]["stop_at_negative_curvature"],
+                       cg_solver=config["cg"]["solver"], neumann_step_size=config["cg"]["step_size"], hvp_mode=hvp,
+                       # The hand-written passes are for the built-in conv nets; a custom network (even a
+                       # ConvNet subclass with its own forward) runs through vmap.
+                       vectorize=perf["vectorize"], fused=perf["fused"] and not custom,
+                       precision=perf["precision"])
 
 
 def build_optimizer(config: dict, parameters) -> torch.optim.Optimizer:
@@ -66,6 +81,10 @@ def build_source(config: dict, split: str, device: torch.device, evaluation: boo
     queries = data["queries"]
     if evaluation and config["eval"]["queries"] is not None:
         queries = config["eval"]["queries"]
+    folder = {}
+    if data["name"] == "image_folder":  # its own keys: image_size, channels, mean, std, how to split
+        names = (key.removeprefix("dataset.") for key in CHOICE_SCHEMAS[("dataset.name", "image_folder")])
+        folder = {name: data[name] for name in names}
     return make_episode_source(data["name"], split, root=data["root"], ways=data["ways"], shots=data["shots"],
                                queries=queries, device=device, download=data["download"],
-                               cache_dir=data["cache_dir"], rotations=data["rotations"])
+                               cache_dir=data["cache_dir"], rotations=data["rotations"], **folder)

@@ -126,3 +126,15 @@ def omniglot_convnet(num_outputs: int, activation: str = "relu", conv_impl: str 
 def miniimagenet_convnet(num_outputs: int, activation: str = "relu", conv_impl: str = "im2col") -> ConvNet:
     """3x84x84 input; 32 channels, 2x2 max-pool (84 -> 42 -> 21 -> 10 -> 5); 32,773 parameters at 5 ways."""
     return ConvNet(3, 84, 32, num_outputs, pool=True, activation=activation, conv_impl=conv_impl)
+
+
+def image_convnet(num_outputs: int, in_channels: int, image_size: int, width: int = 32, downsample: str = "pool",
+                  activation: str = "relu", conv_impl: str = "im2col") -> ConvNet:
+    """The four-block net for dataset=image_folder, whose input follows the dataset's channels and size.
+
+    Each block halves the size, by a 2x2 max-pool (as the Mini-ImageNet net; needs a side of at
+    least 16) or by stride 2 (as the Omniglot net, 4x fewer positions to convolve).
+    """
+    pool = downsample == "pool"
+    return ConvNet(in_channels, image_size, width, num_outputs, stride=1 if pool else 2, pool=pool,
+                   activation=activation, conv_impl=conv_impl)
