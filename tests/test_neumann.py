@@ -1,11 +1,17 @@
 """The truncated Neumann series against closed forms, and against CG where both converge."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from torch import nn
 from torch.func import vmap
 
+from conftest import QUICK, compose
+from imaml_cli.config import validate
 from imaml_cli.data import TaskBatch
+from imaml_cli.engine import components, loop
+from imaml_cli.engine.loop import train
 from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.cg import neumann_series
 from imaml_cli.meta.inner import GradientDescent, NewtonCG
@@ -112,3 +118,16 @@ def test_neumann_and_cg_agree_on_a_conv_net_when_both_converge(fused):
     assert cg_metrics["cg_residual"].max() < 1e-10 and metrics["cg_residual"].max() < 1e-10
     for name in cg:
         torch.testing.assert_close(neumann[name], cg[name], rtol=1e-8, atol=1e-12)
+
+
+def test_the_config_chooses_the_solver_and_a_run_reports_its_residual(tmp_path):
+    config = validate(compose(QUICK + ["cg.solver=neumann", "cg.step_size=0.03", "cg.steps=3"]))
+    network = components.build_network(config, torch.device("cpu"))
+    learner = components.build_learner(config, network, torch.device("cpu"))
+    assert (learner.cg_solver, learner.neumann_step_size, learner.cg_steps) == ("neumann", 0.03, 3)
+    with patch.object(loop.TensorBoard, "scalars", autospec=True, side_effect=loop.TensorBoard.scalars) as logged:
+        train(compose(QUICK + ["cg.solver=neumann", "cg.step_size=0.03", "train.log_every=1"]), tmp_path)
+    train_logs = [call.args[2] for call in logged.call_args_list if call.args[1] == "train"]
+    steps, residuals = [v["cg_steps"] for v in train_logs], [v["cg_residual"] for v in train_logs]
+    # QUICK takes 2 steps; a residual below 1 means the series shrank b - Ag from b.
+    assert steps == [2.0] * 4 and all(0 < r < 1 for r in residuals)
