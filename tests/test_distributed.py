@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BIN, QUICK, compose, run_cli
@@ -135,8 +135,10 @@ def test_shards_split_the_meta_batch_in_order(world):
 
 
 def _two_ranks(rank: int, port: int, folder: Path) -> None:
+    # Both ranks join the store the test process already serves, as torchrun's workers join their
+    # agent's (torch reads these variables in its env:// rendezvous).
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     world = Distributed.start(torch.device("cpu"))
     try:
         # Tasks 0 | 1 2 with values 1 | 2 4: the weighted average of the ranks' means is the global mean.
@@ -168,7 +170,10 @@ def _two_ranks(rank: int, port: int, folder: Path) -> None:
 
 
 def test_process_group_helpers_on_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_ranks, args=(port, tmp_path), nprocs=2)
+    # The store listens on a port the system picked, from before the ranks start until they end: a
+    # free port found, closed and bound again later could be taken by another process in between.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        mp.spawn(_two_ranks, args=(store.port, tmp_path), nprocs=2)
+    finally:
+        del store
