@@ -13,12 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from imaml_cli.errors import UserError
 
 DATASETS = ("omniglot", "miniimagenet", "sinusoid", "image_folder")
-# Each built-in model and the dataset it is made for; model=custom (model._target_) takes any.
+# Each built-in model and the dataset it is made for; the conv nets also fit their design to an
+# image folder's channels and size, and model=custom (model._target_) takes any dataset.
 MODELS = {"omniglot_conv": "omniglot", "miniimagenet_conv": "miniimagenet", "sinusoid_mlp": "sinusoid",
-          "image_conv": "image_folder", "custom": None}
-# The images (channels, side) the two paper networks take: on dataset=image_folder they run when
-# the folder's images are made that shape.
-CONV_INPUTS = {"omniglot_conv": (1, 28), "miniimagenet_conv": (3, 84)}
+          "custom": None}
+CONV_NETS = ("omniglot_conv", "miniimagenet_conv")
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 
 
@@ -138,10 +137,6 @@ CHOICE_SCHEMAS = {
         "dataset.split_fractions": _fractions(),
         "dataset.split_seed": _int(0),
     },
-    ("model.name", "image_conv"): {
-        "model.width": _int(1),
-        "model.downsample": _choice("pool", "stride"),
-    },
     ("model.name", "custom"): {"model._target_": _target()},
 }
 
@@ -196,15 +191,9 @@ def validate(cfg: DictConfig, extra_keys: tuple[str, ...] = ()) -> dict:
 
 def _check_combinations(c: dict[str, Any]) -> None:
     dataset, model = c["dataset.name"], c["model.name"]
-    if dataset == "image_folder" and model in CONV_INPUTS:
-        channels, side = CONV_INPUTS[model]
-        if (c["dataset.channels"], c["dataset.image_size"]) != (channels, side):
-            raise UserError(f"model={model} takes {channels}x{side}x{side} images but dataset.channels="
-                            f"{c['dataset.channels']} and dataset.image_size={c['dataset.image_size']}; use "
-                            f"model=image_conv (it follows the dataset) or set dataset.channels={channels} "
-                            f"dataset.image_size={side}")
-    elif model != "custom" and MODELS[model] != dataset:
-        suggestion = next(m for m, d in MODELS.items() if d == dataset)
+    fits = model == "custom" or MODELS[model] == dataset or (dataset == "image_folder" and model in CONV_NETS)
+    if not fits:
+        suggestion = " or ".join(m for m, d in MODELS.items() if d == dataset) or " or ".join(CONV_NETS)
         raise UserError(f"model={model} is built for {MODELS[model]} inputs but dataset={dataset}; "
                         f"use model={suggestion} or an experiment preset")
     if dataset != "sinusoid" and c["dataset.ways"] < 2:
@@ -236,6 +225,7 @@ def _check_image_folder(c: dict[str, Any]) -> None:
     for key, values in (("dataset.mean", mean), ("dataset.std", std)):
         if values is not None and len(values) != channels:
             raise UserError(f"{key} has {len(values)} values but dataset.channels={channels}; give one per channel")
-    if c["model.name"] == "image_conv" and c["model.downsample"] == "pool" and c["dataset.image_size"] < 16:
-        raise UserError(f"model.downsample=pool halves the image four times and needs dataset.image_size >= 16, "
-                        f"not {c['dataset.image_size']}; use model.downsample=stride or larger images")
+    if c["model.name"] == "miniimagenet_conv" and c["dataset.image_size"] < 16:
+        raise UserError(f"model=miniimagenet_conv halves the image by max-pooling four times and needs "
+                        f"dataset.image_size >= 16, not {c['dataset.image_size']}; use model=omniglot_conv "
+                        f"(stride 2) or larger images")

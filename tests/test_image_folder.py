@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import compose, run_cli
+from imaml_cli.config import validate
 from imaml_cli.data import image_folder, make_episode_source
 from imaml_cli.data.image_folder import load_image_folder
+from imaml_cli.engine import components
 from imaml_cli.engine.evaluation_run import evaluate_checkpoint
 from imaml_cli.engine.loop import train
 from imaml_cli.errors import UserError
@@ -208,8 +210,24 @@ def test_bad_folders_get_one_line_naming_the_problem_and_the_fix(tmp_path, cache
     assert "\n" not in str(error.value)
 
 
-RUN = ["dataset=image_folder", "model=image_conv", f"dataset.image_size={SIZE}", "model.downsample=stride",
-       "model.width=4", "dataset.ways=3", "dataset.queries=2", "train.meta_steps=2", "train.meta_batch_size=2",
+@pytest.mark.parametrize("model, channels, size, width", [("omniglot_conv", 3, 20, 64), ("miniimagenet_conv", 1, 16, 32)])
+def test_the_conv_nets_keep_their_design_and_take_the_folders_images(model, channels, size, width):
+    config = validate(compose(["dataset=image_folder", "dataset.root=x", f"model={model}",
+                               f"dataset.channels={channels}", f"dataset.image_size={size}"]))
+    network = components.build_network(config, torch.device("cpu"))
+    assert [block.conv.out_channels for block in network.features] == [width] * 4
+    assert network(torch.zeros(2, channels, size, size)).shape == (2, 5)
+    # The hand-written batched passes still apply.
+    assert components.build_learner(config, network, torch.device("cpu"))._fused_model() is not None
+
+
+def test_max_pooling_needs_images_of_at_least_16_pixels():
+    with pytest.raises(UserError, match=r"model=miniimagenet_conv halves the image by max-pooling four times "
+                                        r"and needs dataset.image_size >= 16, not 12; use model=omniglot_conv"):
+        validate(compose(["dataset=image_folder", "dataset.root=x", "model=miniimagenet_conv", "dataset.image_size=12"]))
+
+
+RUN = ["dataset=image_folder", f"dataset.image_size={SIZE}", "dataset.ways=3", "dataset.queries=2", "train.meta_steps=2", "train.meta_batch_size=2",
        "train.val_every=1", "train.val_episodes=2", "inner_solver.steps=2", "cg.steps=2", "eval.episodes=4",
        "eval.batch_size=2", "train.progress=false"]
 

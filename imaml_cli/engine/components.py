@@ -32,11 +32,10 @@ def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     model = config["model"]
     if model["name"] == "custom":
         return build_custom_model(model, outputs).to(device)
-    image_conv = {}
-    if model["name"] == "image_conv":
-        image_conv = dict(in_channels=config["dataset"]["channels"], image_size=config["dataset"]["image_size"],
-                          width=model["width"], downsample=model["downsample"])
-    return build_model(model["name"], outputs, model["activation"], model["conv_impl"], **image_conv).to(device)
+    image = {}
+    if config["dataset"]["name"] == "image_folder":  # the conv net's design, fitted to the folder's images
+        image = dict(in_channels=config["dataset"]["channels"], image_size=config["dataset"]["image_size"])
+    return build_model(model["name"], outputs, model["activation"], model["conv_impl"], **image).to(device)
 
 
 def build_learner(config: dict, network: torch.nn.Module, device: torch.device) -> MetaLearner:

@@ -118,23 +118,20 @@ class ConvNet(nn.Module):
         return F.linear(x.reshape(n, h * w * c), weight, self.head.bias)
 
 
-def omniglot_convnet(num_outputs: int, activation: str = "relu", conv_impl: str = "im2col") -> ConvNet:
-    """1x28x28 input; 64 channels, stride 2 (28 -> 14 -> 7 -> 4 -> 2); 112,965 parameters at 5 ways."""
-    return ConvNet(1, 28, 64, num_outputs, stride=2, activation=activation, conv_impl=conv_impl)
+def omniglot_convnet(num_outputs: int, activation: str = "relu", conv_impl: str = "im2col",
+                     in_channels: int = 1, image_size: int = 28) -> ConvNet:
+    """1x28x28 input; 64 channels, stride 2 (28 -> 14 -> 7 -> 4 -> 2); 112,965 parameters at 5 ways.
 
-
-def miniimagenet_convnet(num_outputs: int, activation: str = "relu", conv_impl: str = "im2col") -> ConvNet:
-    """3x84x84 input; 32 channels, 2x2 max-pool (84 -> 42 -> 21 -> 10 -> 5); 32,773 parameters at 5 ways."""
-    return ConvNet(3, 84, 32, num_outputs, pool=True, activation=activation, conv_impl=conv_impl)
-
-
-def image_convnet(num_outputs: int, in_channels: int, image_size: int, width: int = 32, downsample: str = "pool",
-                  activation: str = "relu", conv_impl: str = "im2col") -> ConvNet:
-    """The four-block net for dataset=image_folder, whose input follows the dataset's channels and size.
-
-    Each block halves the size, by a 2x2 max-pool (as the Mini-ImageNet net; needs a side of at
-    least 16) or by stride 2 (as the Omniglot net, 4x fewer positions to convolve).
+    ``in_channels`` and ``image_size`` fit the same design to other images (dataset=image_folder).
     """
-    pool = downsample == "pool"
-    return ConvNet(in_channels, image_size, width, num_outputs, stride=1 if pool else 2, pool=pool,
-                   activation=activation, conv_impl=conv_impl)
+    return ConvNet(in_channels, image_size, 64, num_outputs, stride=2, activation=activation, conv_impl=conv_impl)
+
+
+def miniimagenet_convnet(num_outputs: int, activation: str = "relu", conv_impl: str = "im2col",
+                         in_channels: int = 3, image_size: int = 84) -> ConvNet:
+    """3x84x84 input; 32 channels, 2x2 max-pool (84 -> 42 -> 21 -> 10 -> 5); 32,773 parameters at 5 ways.
+
+    ``in_channels`` and ``image_size`` (at least 16: four halvings) fit the same design to other images.
+    """
+    return ConvNet(in_channels, image_size, 32, num_outputs, pool=True, activation=activation, conv_impl=conv_impl)
+
