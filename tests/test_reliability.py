@@ -124,8 +124,9 @@ def uninterrupted(tmp_path_factory):
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, uninterrupted, algorithm, signum):
     args = [*LONG, f"algorithm={algorithm}", f"hydra.run.dir={tmp_path / 'run'}"]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
-    # A checkpoint step (every 3) well before the end (40), so the signal lands mid-run.
-    target = 3 * random.Random(f"{algorithm}{signum}").randint(1, 8)
+    # A checkpoint step (every 3) in the first third of the 40 steps: the signal lands mid-run even
+    # when this process is descheduled for a while on a busy machine.
+    target = 3 * random.Random(f"{algorithm}{signum}").randint(1, 4)
     child = Child([str(BIN / "imaml-train"), *args], cwd=tmp_path)
     reached = child.wait_for_checkpoint(last, target)
     child.process.send_signal(signum)
@@ -277,7 +278,7 @@ def test_omniglot_conv_run_killed_and_resumed_equals_uninterrupted(tmp_path):
 
     root = make_zips(tmp_path / "omniglot")
     settings = ["experiment=omniglot_5w1s", f"dataset.root={root}", "dataset.download=false",
-                "train.meta_steps=20", "train.meta_batch_size=2", "train.checkpoint_every=4", "train.val_every=0",
+                "train.meta_steps=24", "train.meta_batch_size=2", "train.checkpoint_every=4", "train.val_every=0",
                 "train.progress=false", "inner_solver.steps=3", "cg.steps=2", "eval.episodes=2"]
     # One thread, so that every product sums in the same order in every run.
     env = {"IMAML_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -296,12 +297,12 @@ def test_omniglot_conv_run_killed_and_resumed_equals_uninterrupted(tmp_path):
     killed.process.send_signal(signal.SIGKILL)
     assert killed.finish() == -signal.SIGKILL
     stopped_at = read_step(last)
-    assert reached <= stopped_at < 20, (reached, stopped_at, killed.output())
+    assert reached <= stopped_at < 24, (reached, stopped_at, killed.output())
     assert straight.finish() == 0, straight.output()
 
     resumed = Child(command(tmp_path / "run"), cwd=tmp_path, env=env)
     assert resumed.finish() == 0, resumed.output()
     assert f"resuming from {last} at meta-step {stopped_at}" in (tmp_path / "run" / "train.log").read_text()
     final = load_checkpoint(last)
-    assert final["step"] == 20
+    assert final["step"] == 24
     assert_same_state(final, load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"))
