@@ -5,6 +5,7 @@ Hydra's struct mode already refuses overrides of keys that do not exist; this ca
 reports each as one line that names the key and what it accepts.
 """
 
+import difflib
 import math
 from typing import Any, Callable
 
@@ -165,6 +166,13 @@ def to_container(cfg: DictConfig) -> dict:
     return plain
 
 
+def unknown_key(key: str, known) -> UserError:
+    """The error for a key the config does not have, naming the closest one it has."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    fix = f"did you mean {close[0]}?" if close else "the README's configuration table lists every key"
+    return UserError(f"unknown config key '{key}'; {fix}")
+
+
 def validate(cfg: DictConfig, extra_keys: tuple[str, ...] = ()) -> dict:
     """Check every key of ``cfg``; return it as a plain dict. Raises UserError on the first problem."""
     plain = to_container(cfg)
@@ -179,7 +187,7 @@ def validate(cfg: DictConfig, extra_keys: tuple[str, ...] = ()) -> dict:
         schema.update(BUILTIN_MODEL_SCHEMA)
     for key in flat:
         if key not in schema and not (custom and key.startswith("model.")):
-            raise UserError(f"unknown config key '{key}'; the README's configuration table lists every key")
+            raise unknown_key(key, schema)
     for key, (check, accepted) in schema.items():
         if key not in flat or flat[key] == "???":  # ???: a value the config leaves to the command line
             raise UserError(f"config key '{key}' is missing; set {key}=... ({accepted})")

@@ -4,7 +4,6 @@ import sys
 from contextlib import contextmanager
 
 
-
 class UserError(Exception):
     """A problem with the user's input (config, data, checkpoint) that they can fix.
 
@@ -13,17 +12,21 @@ class UserError(Exception):
     """
 
 
-@contextmanager
-def exit_on_user_error():
-    """Turn a UserError (exit 2), or anything carrying an ``exit_code`` (an interrupted run), into a
-    printed line and an exit status, so that Hydra prints no traceback."""
-    try:
-        yield
-    except UserError as error:
+def exit_if_expected(error: BaseException) -> None:
+    """Print a UserError (exit 2), or anything carrying an ``exit_code`` (an interrupted run), as
+    one line and exit; return for anything else, which is a bug and deserves its traceback."""
+    if isinstance(error, UserError):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except Exception as error:
-        if not hasattr(error, "exit_code"):
-            raise
+    if hasattr(error, "exit_code"):
         print(str(error), file=sys.stderr)
         sys.exit(error.exit_code)
+
+
+@contextmanager
+def exit_on_user_error():
+    try:
+        yield
+    except Exception as error:
+        exit_if_expected(error)
+        raise

@@ -19,6 +19,11 @@ QUIET_RANK = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=
               "hydra/hydra_logging=disabled")
 
 
+def is_quiet_rank(environ: Mapping[str, str]) -> bool:
+    """A rank above 0 of torchrun: it owns no run directory."""
+    return int(environ.get("WORLD_SIZE", "1")) > 1 and int(environ.get("RANK", "0")) != 0
+
+
 def rank_argv(argv: list[str], environ: Mapping[str, str]) -> list[str]:
     """The command line this rank's Hydra should see."""
     if int(environ.get("WORLD_SIZE", "1")) == 1:
@@ -26,9 +31,7 @@ def rank_argv(argv: list[str], environ: Mapping[str, str]) -> list[str]:
     if "-m" in argv or "--multirun" in argv:
         raise UserError("-m (sweeps) cannot run under torchrun, which trains one run on several GPUs; "
                         "sweep with imaml-train -m hydra/launcher=submitit_slurm (README: SLURM)")
-    if int(environ.get("RANK", "0")) == 0:
-        return argv
-    return [*argv, *QUIET_RANK]
+    return [*argv, *QUIET_RANK] if is_quiet_rank(environ) else argv
 
 
 def torchrun_aware(hydra_main):

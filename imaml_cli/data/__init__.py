@@ -26,8 +26,8 @@ def make_episode_source(name: str, split: str, *, root: str | os.PathLike | None
                         ) -> ClassificationEpisodes | SinusoidTasks:
     """The episode source for ``dataset.name`` and ``split``, with image data on ``device``.
 
-    The sinusoid ignores ``root`` and ``ways`` and has the same task distribution in every split
-    (evaluation draws other tasks through its own seed). ``download`` and ``rotations`` only
+    The sinusoid ignores ``root`` and ``ways``; each split draws its tasks from seeds of its own,
+    so no split shares a task with another. ``download`` and ``rotations`` only
     apply to Omniglot (``rotations`` to image_folder too); ``image_size`` defaults to
     ``DEFAULT_IMAGE_SIZE``. ``folder`` holds image_folder's own options (``channels``, ``mean``,
     ``std``, ``class_lists``, ``split_fractions``, ``split_seed``; see ``load_image_folder``).
@@ -37,7 +37,7 @@ def make_episode_source(name: str, split: str, *, root: str | os.PathLike | None
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "sinusoid":
-        return SinusoidTasks(shots, queries, device=device)
+        return SinusoidTasks(shots, queries, device=device, split=split)
     if root is None:
         raise UserError(f"dataset.root is not set; point it at the folder holding the {name} data")
     if name == "image_folder":

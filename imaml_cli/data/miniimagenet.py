@@ -46,7 +46,11 @@ def load_miniimagenet(root: str | os.PathLike, split: str, image_size: int = 84,
         raise UserError(f"unknown Mini-ImageNet split {split!r}; choose one of "
                         f"{', '.join(SPLITS)}")
     check_positive(image_size, "dataset.image_size")
-    root = Path(root).expanduser()
+    # Resolved, so that the cache does not take another spelling of the path for another source.
+    root = Path(root).expanduser().resolve()
+    if root.is_file():
+        raise UserError(f"dataset.root={root} is a file; set dataset.root to the folder that holds the "
+                        f"Mini-ImageNet split (such as {root.parent})")
     pickled = root / f"mini-imagenet-cache-{split}.pkl"
     listing, folder = root / f"{split}.csv", root / split
     if pickled.is_file():

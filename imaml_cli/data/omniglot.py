@@ -65,7 +65,11 @@ def load_omniglot(root: str | os.PathLike, split: str, rotations: bool = True,
     check_positive(image_size, "dataset.image_size")
     if characters is None:
         characters = split_characters(split)
-    root = Path(root).expanduser()
+    # Resolved, so that the cache does not take another spelling of the path for another source.
+    root = Path(root).expanduser().resolve()
+    if root.is_file():
+        raise UserError(f"dataset.root={root} is a file; set dataset.root to the folder that holds "
+                        f"images_background.zip and images_evaluation.zip (such as {root.parent})")
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     parts = []
     for archive in ARCHIVES:
@@ -104,6 +108,12 @@ def _find_source(root: Path, archive: str, download: bool) -> Path:
         if path.is_file() if path.suffix == ".zip" else path.is_dir():
             return path
     if download:
+        # The root is only read unless the user made it a folder to download into.
+        if not root.is_dir() or not os.access(root, os.W_OK):
+            state = "does not exist" if not root.exists() else "is not a writable folder"
+            raise UserError(f"Omniglot is not in dataset.root={root}, which {state}, so nothing is downloaded; "
+                            f"point dataset.root at the folder that holds images_background.zip and "
+                            f"images_evaluation.zip, or create it to download them there from {URL}")
         return _download(root, archive)
     looked = ", ".join(str(p) for p in _candidates(root, archive))
     raise UserError(f"Omniglot images_{archive} not found (looked for {looked}); put "

@@ -10,8 +10,16 @@ from imaml_cli.data.episodes import TaskBatch, check_positive
 from imaml_cli.errors import UserError
 
 
+SPLITS = ("train", "val", "test")
+
+
 class SinusoidTasks:
-    """Tasks with amplitude, phase and inputs drawn uniformly from the given ranges."""
+    """Tasks with amplitude, phase and inputs drawn uniformly from the given ranges.
+
+    Every task is generated from a seed of its own, ``3 s + i`` for split number ``i`` and an
+    ``s`` drawn from the caller's generator: the splits' seeds never coincide, so validation and
+    test never see a training task, nor each other's, whatever seeds the caller uses.
+    """
 
     kind = "regression"
     input_shape = (1,)
@@ -19,7 +27,9 @@ class SinusoidTasks:
     def __init__(self, shots: int, queries: int, amplitude: tuple[float, float] = (0.1, 5.0),
                  phase: tuple[float, float] = (0.0, math.pi),
                  x_range: tuple[float, float] = (-5.0, 5.0),
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", split: str = "train"):
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.shots = check_positive(shots, "dataset.shots")
         self.queries = check_positive(queries, "dataset.queries")
         for name, (low, high) in (("amplitude", amplitude), ("phase", phase),
@@ -29,10 +39,13 @@ class SinusoidTasks:
                                 f"give it as [low, high] with low <= high")
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
         self.device = torch.device(device)
+        self.split_index = SPLITS.index(split)
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         k = self.shots
-        u = torch.rand(num_tasks, 2 + k + self.queries, generator=generator)
+        seeds = torch.randint(2 ** 60, (num_tasks,), generator=generator) * len(SPLITS) + self.split_index
+        u = torch.stack([torch.rand(2 + k + self.queries, generator=torch.Generator().manual_seed(int(seed)))
+                         for seed in seeds])
         amplitude = _scale(u[:, :1], self.amplitude)
         phase = _scale(u[:, 1:2], self.phase)
         x = _scale(u[:, 2:], self.x_range)

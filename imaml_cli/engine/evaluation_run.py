@@ -5,13 +5,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from imaml_cli.config import SCHEMA, validate
+from imaml_cli.config import SCHEMA, unknown_key, validate
 from imaml_cli.engine import components
 from imaml_cli.engine.checkpoint import load_checkpoint, load_params
 from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import evaluate
-from imaml_cli.engine.logging import write_json
+from imaml_cli.engine.logging import report, write_json
 from imaml_cli.errors import UserError
+
+log = logging.getLogger("imaml")
 
 GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimizer")
 
@@ -26,8 +28,8 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     for key in newer:
         OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
     if newer:
-        logging.getLogger("imaml").warning("the checkpoint predates %s; using today's defaults: %s", ", ".join(newer),
-                                           ", ".join(f"{k}={OmegaConf.select(composed, k)}" for k in newer))
+        log.warning("the checkpoint predates %s; using today's defaults: %s", ", ".join(newer),
+                    ", ".join(f"{k}={OmegaConf.select(composed, k)}" for k in newer))
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "checkpoint" or key.startswith("hydra"):
@@ -36,19 +38,34 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
             raise UserError("experiment=... cannot change at evaluation; override single keys instead "
                             "(e.g. inner_solver.steps=20 eval.episodes=1000)")
         if key not in GROUPS and OmegaConf.select(merged, key, default="<absent>") == "<absent>":
-            raise UserError(f"unknown config key '{key}'; the README's configuration table lists every key")
+            raise unknown_key(key, SCHEMA)
         OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
     return merged
 
 
-def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) -> float:
+def checkpoint_file(path: Path) -> Path:
+    """``path`` itself, or for a run directory its best checkpoint, else its last."""
+    if not path.is_dir():
+        return path
+    for folder in (path / "checkpoints", path):
+        for name, what in (("best.pt", "the best validation checkpoint"), ("last.pt", "the last checkpoint")):
+            if (folder / name).is_file():
+                log.info("evaluating %s, %s of %s", folder / name, what, path)
+                return folder / name
+    raise UserError(f"{path} is a folder without checkpoints/best.pt or checkpoints/last.pt; pass an imaml-train "
+                    "run directory or a checkpoint file")
+
+
+def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path, config_record: Path | None = None
+                        ) -> float:
     """Print the one-line result and write ``eval.json`` into ``run_dir``; returns the mean.
 
-    Under torchrun the episodes are split across the ranks and rank 0 reports them all.
+    ``config_record`` receives the config the evaluation ran with. Under torchrun the episodes are
+    split across the ranks and rank 0 reports them all.
     """
     if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise UserError("no checkpoint given; run imaml-eval checkpoint=PATH/checkpoints/best.pt")
-    path = Path(cfg.checkpoint)
+        raise UserError("no checkpoint given; run imaml-eval checkpoint=PATH/checkpoints/best.pt (or checkpoint=RUN_DIR)")
+    path = checkpoint_file(Path(cfg.checkpoint))
     state = load_checkpoint(path)
     config = validate(apply_overrides(OmegaConf.create(state["config"]), cfg, overrides))
     world = Distributed.start(components.resolve_device(config["device"]))
@@ -62,10 +79,13 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path) ->
                           seed=ecfg["seed"], batch_size=ecfg["batch_size"], split=ecfg["split"],
                           shard=(world.rank, world.world), gather=world.gather_lists)
         if world.is_main:
-            print(result.line())
+            report(result.line(), f"{result.line()} (checkpoint: {path.resolve()})")
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "eval.json", {**result.to_dict(), "checkpoint": str(path.resolve()),
                                                "meta_step": state["step"], "overrides": overrides})
+            if config_record is not None:
+                used = OmegaConf.create({**config, "checkpoint": str(path.resolve())})
+                config_record.write_text(OmegaConf.to_yaml(used))
         return result.mean
     finally:
         world.close()

@@ -1,4 +1,4 @@
-"""Run outputs a person reads: TensorBoard scalars and hparams, the progress bar, results.json."""
+"""Run outputs a person reads: TensorBoard scalars and hparams, the result line, results.json."""
 
 import json
 import logging
@@ -48,6 +48,16 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
         elif value is not None:
             out[f"{prefix}{key}"] = str(value)
     return out
+
+
+def report(line: str, logged: str | None = None) -> None:
+    """Print a result line once, plain, and put it (or ``logged``) into the run's log file only:
+    through Hydra's console handler it would appear a second time, as a log record."""
+    print(line, flush=True)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, logged or line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def mean_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from imaml_cli.engine import components
 from imaml_cli.engine.checkpoint import load_checkpoint, load_params, save_checkpoint
 from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import EvalResult, evaluate
-from imaml_cli.engine.logging import TensorBoard, flat_hparams, mean_metrics, write_json
+from imaml_cli.engine.logging import TensorBoard, flat_hparams, mean_metrics, report, write_json
 from imaml_cli.errors import UserError
 
 log = logging.getLogger("imaml")
@@ -33,8 +33,12 @@ RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "devi
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
 
 
+# SIGUSR2 is the signal submitit (Hydra's SLURM launcher) sends before a job's time limit.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run saved a checkpoint and stops with exit status 128 + signum."""
+    """A stop signal arrived; the run saved a checkpoint and stops with exit status 128 + signum."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
@@ -69,7 +73,10 @@ def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
 
 @contextmanager
 def stop_on_signals():
-    """SIGINT/SIGTERM set a flag that the loop checks after each meta-step; a second one aborts."""
+    """A stop signal sets a flag that the loop checks after each meta-step; a second one aborts.
+
+    Yields the received signals and the handlers that were installed before.
+    """
     received = []
 
     def handler(signum, _frame):
@@ -77,12 +84,20 @@ def stop_on_signals():
             raise KeyboardInterrupt
         received.append(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield received
+        yield received, previous
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def pass_on(signum: int, handler) -> None:
+    """Give a signal, once the checkpoint is saved, to the handler that was there before the run:
+    submitit's handler of SIGUSR2 requeues the job and exits. Python's own SIGINT handler would
+    only turn the orderly stop into a KeyboardInterrupt."""
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -183,7 +198,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
     tb = TensorBoard(run_dir, step) if world.is_main else None
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
     try:
-        with stop_on_signals() as signals, logging_redirect_tqdm():
+        with stop_on_signals() as (signals, handlers), logging_redirect_tqdm():
             while step < tcfg["meta_steps"]:
                 started = time.perf_counter()
                 batch, local, total = world.shard(train_source.sample(tcfg["meta_batch_size"], generator))
@@ -236,6 +251,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                 signum = world.largest(signals[0] if signals else 0)
                 if signum:
                     checkpoint(last_path)
+                    pass_on(signum, handlers[signum])
                     raise Interrupted(signum, f"{signal.Signals(signum).name} at meta-step {step}: "
                                       f"checkpoint saved to {last_path}; run the same command again to resume")
             checkpoint(last_path)
@@ -259,8 +275,7 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
                       gather=world.gather_lists)
     score = best if best is not None else result.mean
     if world.is_main:
-        print(result.line())
-        log.info("%s (checkpoint: %s)", result.line(), used)
+        report(result.line(), f"{result.line()} (checkpoint: {used})")
         write_json(results_path, {"test": result.to_dict(), "score": score, "best_val": best,
                                   "best_step": best_step, "meta_steps": step, "checkpoint": used,
                                   "wall_clock_s": elapsed, "skipped_steps": skipped})

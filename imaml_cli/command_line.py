@@ -1,0 +1,89 @@
+"""Overrides checked before Hydra sees them, so that a slip costs one line that names the fix.
+
+Hydra answers a misspelt key (``train.metasteps=5``) with advice to add it as a new key
+(``+train.metasteps=5``), which validation then refuses, and an unknown option of a config group
+(``algorithm=imal``) with a dozen lines. Here the first gets the closest real key and the second
+the group's options. A key outside the validated schema is left to Hydra when the config has it
+(a dataset's own key, say), so this check never refuses what Hydra would accept.
+"""
+
+import functools
+import sys
+from importlib import resources
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from imaml_cli.config import SCHEMA, unknown_key
+from imaml_cli.errors import UserError, exit_on_user_error
+
+# With these Hydra prints help or information and does not run the command.
+NOT_A_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+CONFIG_PACKAGE = "imaml_cli.conf"
+
+
+def group_options() -> dict[str, list[str]]:
+    """Each config group of ours (a folder of the config package) and its options."""
+    return {folder.name: sorted(f.name[:-len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+            for folder in resources.files(CONFIG_PACKAGE).iterdir()
+            if folder.is_dir() and folder.name not in ("hydra", "__pycache__")}
+
+
+def _known(key: str, keys: list[str]) -> bool:
+    return any(k == key or k.startswith(key + ".") for k in keys)
+
+
+def _config_has(config_name: str, key: str, choices: list[str]) -> bool:
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+        try:
+            compose(config_name, overrides=[*choices, f"{key}=null"])
+        except ConfigCompositionException:
+            return False
+    return True
+
+
+def check_overrides(args: list[str], config_name: str, extra_keys: tuple[str, ...] = ()) -> None:
+    """Raise a UserError for an unknown group option or a key the config does not have."""
+    if NOT_A_RUN & set(args):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # a malformed override: Hydra's own message says what is wrong with it
+        return
+    groups = group_options()
+    keys = [*SCHEMA, *extra_keys]
+    choices, unknown = [], []
+    for override in overrides:
+        key = override.key_or_group
+        if key.split("/")[0].split(".")[0] == "hydra" or override.is_delete() or override.package:
+            continue
+        if key in groups:
+            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+            for value in values:
+                if value != "null" and value not in groups[key]:
+                    raise UserError(f"{key}={value} is not an option; choose {key}= one of {', '.join(groups[key])}")
+            if not override.is_sweep_override():
+                choices.append(override.input_line)
+        elif not (override.is_add() or override.is_force_add()) and not _known(key, keys):
+            unknown.append(key)
+    for key in unknown:
+        if not _config_has(config_name, key, choices):
+            raise unknown_key(key, keys)
+
+
+def checks_overrides(config_name: str, extra_keys: tuple[str, ...] = ()):
+    """Decorate a ``@hydra.main`` function with ``check_overrides`` of the command line."""
+
+    def decorate(hydra_main):
+        @functools.wraps(hydra_main)
+        def main():
+            with exit_on_user_error():
+                check_overrides(sys.argv[1:], config_name, extra_keys)
+            return hydra_main()
+
+        return main
+
+    return decorate
