@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import QUICK, compose, run_cli
+from conftest import QUICK, run_cli
 from imaml_cli.config import DATASETS
 
 SEARCHED = {"algorithm.lam": (0.1, 10.0), "inner_solver.lr": (0.001, 0.5), "outer_optimizer.lr": (0.0001, 0.01)}
