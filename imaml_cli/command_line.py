@@ -3,8 +3,9 @@
 Hydra answers a misspelt key (``train.metasteps=5``) with advice to add it as a new key
 (``+train.metasteps=5``), which validation then refuses, and an unknown option of a config group
 (``algorithm=imal``) with a dozen lines. Here the first gets the closest real key and the second
-the group's options. A key outside the validated schema is left to Hydra when the config has it
-(a dataset's own key, say), so this check never refuses what Hydra would accept.
+the group's options. A key outside the validated schema (a custom model's argument, say) is
+looked up in the config composed with the command line's group choices, so this check never
+refuses what Hydra would accept.
 """
 
 import functools
@@ -28,20 +29,24 @@ def group_options() -> dict[str, list[str]]:
             if folder.is_dir() and folder.name not in ("hydra", "__pycache__")}
 
 
-def _known(key: str, keys: list[str]) -> bool:
+def _known(key: str, keys) -> bool:
     return any(k == key or k.startswith(key + ".") for k in keys)
 
 
-def _config_has(config_name: str, key: str, choices: list[str]) -> bool:
+def _config_keys(config_name: str, choices: list[str]) -> list[str] | None:
+    """Every key of the config composed with these group choices; None if it does not compose."""
     from hydra import compose, initialize_config_module
-    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
 
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         try:
-            compose(config_name, overrides=[*choices, f"{key}=null"])
-        except ConfigCompositionException:
-            return False
-    return True
+            return list(flat(OmegaConf.to_container(compose(config_name, overrides=choices))))
+        except Exception:  # Hydra will say what is wrong with the choices
+            return None
 
 
 def check_overrides(args: list[str], config_name: str, extra_keys: tuple[str, ...] = ()) -> None:
@@ -54,7 +59,7 @@ def check_overrides(args: list[str], config_name: str, extra_keys: tuple[str, ..
         return
     groups = group_options()
     keys = [*SCHEMA, *extra_keys]
-    choices, unknown = [], []
+    choices, unknown, swept_group = [], [], False
     for override in overrides:
         key = override.key_or_group
         if key.split("/")[0].split(".")[0] == "hydra" or override.is_delete() or override.package:
@@ -65,13 +70,17 @@ def check_overrides(args: list[str], config_name: str, extra_keys: tuple[str, ..
             for value in values:
                 if value != "null" and value not in groups[key]:
                     raise UserError(f"{key}={value} is not an option; choose {key}= one of {', '.join(groups[key])}")
-            if not override.is_sweep_override():
+            if override.is_sweep_override():
+                swept_group = True
+            else:
                 choices.append(override.input_line)
         elif not (override.is_add() or override.is_force_add()) and not _known(key, keys):
             unknown.append(key)
+    # Which config a key belongs to is not known before a swept group is chosen: Hydra judges those.
+    composed = _config_keys(config_name, choices) if unknown and not swept_group else None
     for key in unknown:
-        if not _config_has(config_name, key, choices):
-            raise unknown_key(key, keys)
+        if composed is not None and not _known(key, composed):
+            raise unknown_key(key, composed)
 
 
 def checks_overrides(config_name: str, extra_keys: tuple[str, ...] = ()):
