@@ -128,7 +128,9 @@ class RunDirGuard(Callback):
                 make_folder(folder, "hydra.run.dir")
                 self._lock(folder)
             except UserError:
-                self.before.restore()
+                # Only folders made here are undone: a busy folder's owner is writing into its own.
+                if self.before.created:
+                    self.before.restore()
                 raise
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
