@@ -25,10 +25,11 @@ from imaml_cli.errors import UserError
 
 log = logging.getLogger("imaml")
 
-# Keys a resumed run may change without breaking exact continuation.
+# Keys a resumed run may change without breaking exact continuation. inner_steps only feeds
+# inner_solver.steps, which is compared itself.
 RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
                      "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.queries", "eval.split",
-                     "eval.batch_size")
+                     "eval.batch_size", "inner_steps.gd", "inner_steps.hf")
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
 
