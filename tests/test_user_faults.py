@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import BIN, QUICK, compose, run_cli
 from imaml_cli.config import validate
-from imaml_cli.data import make_episode_source, omniglot
+from imaml_cli.data import image_folder, make_episode_source, omniglot
 from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from imaml_cli.engine.components import build_network
 
@@ -252,6 +252,21 @@ def test_the_dataset_cache_is_keyed_on_the_resolved_root(tmp_path, monkeypatch):
         omniglot.load_omniglot(spelling, "tiny", cache_dir=tmp_path / "cache", characters=TINY_SPLIT)
     assert len(builds) == 2  # the two archives, once
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_the_image_folder_cache_is_keyed_on_the_resolved_root(tmp_path, monkeypatch):
+    from test_image_folder import load, split_folders
+
+    split_folders(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    builds = []
+    build = image_folder._build
+    monkeypatch.setattr(image_folder, "_build", lambda *a: builds.append(a) or build(*a))
+    monkeypatch.chdir(tmp_path)
+    for spelling in (tmp_path / "link", tmp_path / "real", "link", "real", tmp_path / "link" / ".." / "real"):
+        load(spelling, "train", cache_dir=tmp_path / "cache")
+    assert len(builds) == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 # 8. One command at a time in a run directory.

@@ -55,7 +55,9 @@ def load_image_folder(root: str | os.PathLike, split: str, *, image_size: int, c
     """The classes of ``split`` (class folders without image files are skipped)."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    root = Path(root).expanduser()
+    # Resolved before anything hashes a path under it: another spelling of the same folder (a link,
+    # a relative path) must find the same cache entry, not rebuild it.
+    root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"dataset.root={root} is not a folder; point it at your images: {LAYOUTS}")
     lists = root if class_lists is None else Path(class_lists).expanduser()
