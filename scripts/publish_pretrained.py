@@ -84,9 +84,10 @@ def main(argv=None) -> None:
 
     target = args.out / f"{args.name}.pt"
     save_checkpoint({"step": state["step"], "params": state["params"], "config": state["config"]}, target)
-    if target.stat().st_size > MAX_BYTES:
+    size = target.stat().st_size
+    if size > MAX_BYTES:
         target.unlink()
-        fail(f"{target} would be {target.stat().st_size} bytes, over the 1 MiB limit for pretrained/")
+        fail(f"{target} would be {size} bytes, over the 1 MiB limit for pretrained/")
     # Rows name their file relative to the repository, where pretrained/ lives.
     relative = target.resolve()
     if relative.is_relative_to(REPO):

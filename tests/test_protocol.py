@@ -48,3 +48,44 @@ def test_eval_queries_set_validation_and_test_episodes_only():
     assert build_source(unset, "test", cpu, evaluation=True).queries == 4
     with pytest.raises(UserError, match="eval.queries=0 is invalid: expected null or an integer >= 1"):
         validate(compose(["eval.queries=0"]))
+
+
+def test_eval_takes_the_checkpoints_step_count_for_another_solver():
+    from omegaconf import OmegaConf
+
+    from imaml_cli.engine.evaluation_run import apply_overrides
+
+    # A 20-way checkpoint: its preset's counts differ from the composed default preset's (5-way).
+    stored = OmegaConf.create(validate(compose(["experiment=omniglot_20w1s", "inner_steps.hf=7"])))
+
+    def evaluated(*overrides):
+        composed = compose(["experiment=omniglot_5w1s", *overrides], config_name="eval")
+        return validate(apply_overrides(stored, composed, list(overrides)))
+
+    assert evaluated()["inner_solver"]["steps"] == 25
+    assert evaluated("inner_solver=hf")["inner_solver"]["steps"] == 7
+    assert evaluated("inner_steps.gd=3")["inner_solver"]["steps"] == 3
+    assert evaluated("inner_solver=hf", "inner_solver.steps=2")["inner_solver"]["steps"] == 2
+
+
+def test_resuming_a_checkpoint_that_predates_a_setting_goes_on_and_says_so(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from conftest import QUICK
+    from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+    from imaml_cli.engine.loop import train
+
+    train(compose(QUICK + ["train.meta_steps=2"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    old = OmegaConf.create(state["config"])
+    del old.cg["solver"]
+    state["config"] = OmegaConf.to_yaml(old)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, last)
+    (tmp_path / "results.json").unlink()
+    with caplog.at_level("WARNING", logger="imaml"):
+        train(compose(QUICK + ["train.meta_steps=3"]), tmp_path)
+    assert "the checkpoint predates cg.solver; the run goes on with cg.solver=cg" in caplog.text
+    assert load_checkpoint(last)["step"] == 3
+    with pytest.raises(UserError, match="other settings \\(cg.steps\\)"):
+        train(compose(QUICK + ["train.meta_steps=4", "cg.steps=3"]), tmp_path)

@@ -40,6 +40,13 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
         if key not in GROUPS and OmegaConf.select(merged, key, default="<absent>") == "<absent>":
             raise unknown_key(key, SCHEMA)
         OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
+    # The stored inner_solver.steps is a number, resolved at training from the preset's
+    # inner_steps: another solver or step count per solver on the command line reaches it the same way.
+    keys = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    if "inner_solver.steps" not in keys and any(k == "inner_solver" or k.startswith("inner_steps") for k in keys):
+        steps = OmegaConf.select(merged, f"inner_steps.{merged.inner_solver.name}")
+        if steps is not None:
+            merged.inner_solver.steps = steps
     return merged
 
 

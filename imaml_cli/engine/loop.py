@@ -28,8 +28,8 @@ log = logging.getLogger("imaml")
 # Keys a resumed run may change without breaking exact continuation. inner_steps only feeds
 # inner_solver.steps, which is compared itself.
 RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
-                     "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.queries", "eval.split",
-                     "eval.batch_size", "inner_steps.gd", "inner_steps.hf")
+                     "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.split", "eval.batch_size",
+                     "inner_steps.gd", "inner_steps.hf")
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
 
@@ -60,8 +60,7 @@ def check_compatible(stored: dict, current: dict, keys, path: Path, advice: str)
 
 
 def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ. A key the stored config lacks is a setting added since the
-    checkpoint was written; its default keeps the old behaviour, so it does not count."""
+    """Keys whose values differ; not those the stored config lacks (``_newer_keys``)."""
     keys = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
@@ -70,6 +69,24 @@ def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
         elif key in stored and a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def _newer_keys(stored: dict, current: dict, prefix: str = "") -> dict:
+    """Settings added since the checkpoint was written, with this run's values. Their defaults keep
+    the old behaviour, so a resume may go on with them; it says so, in case one was set otherwise."""
+    found = {}
+    for key, value in current.items():
+        if key not in stored:
+            found.update(_flat(value, f"{prefix}{key}"))
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            found.update(_newer_keys(stored[key], value, f"{prefix}{key}."))
+    return found
+
+
+def _flat(value, path: str) -> dict:
+    if not isinstance(value, dict):
+        return {path: value}
+    return {k: v for key, item in value.items() for k, v in _flat(item, f"{path}.{key}").items()}
 
 
 @contextmanager
@@ -144,6 +161,10 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         if changed:
             raise UserError(f"run directory {run_dir} holds a run with other settings ({', '.join(changed[:4])}); "
                             "repeat its command to resume it, or choose a new hydra.run.dir")
+        newer = _newer_keys(stored, config)
+        if newer and world.is_main:
+            log.warning("the checkpoint predates %s; the run goes on with %s", ", ".join(newer),
+                        ", ".join(f"{k}={v}" for k, v in newer.items()))
         if resumed["step"] >= tcfg["meta_steps"] and results_path.exists():
             import json
 
