@@ -5,13 +5,17 @@ Hydra answers a misspelt key (``train.metasteps=5``) with advice to add it as a 
 (``algorithm=imal``) with a dozen lines. Here the first gets the closest real key and the second
 the group's options. A key outside the validated schema (a custom model's argument, say) is
 looked up in the config composed with the command line's group choices, so this check never
-refuses what Hydra would accept.
+refuses what Hydra would accept. Configs from elsewhere (``-cd``, ``-cp``, ``-cn``,
+``hydra.searchpath``) may bring groups and keys this package does not have: Hydra judges those
+command lines alone.
 """
 
+import argparse
 import functools
 import sys
 from importlib import resources
 
+from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from imaml_cli.config import SCHEMA, unknown_key
@@ -49,13 +53,28 @@ def _config_keys(config_name: str, choices: list[str]) -> list[str] | None:
             return None
 
 
+def _other_configs(args: list[str]) -> bool:
+    """Whether the command line points Hydra at configs outside this package."""
+    # Hydra's own parser (private, but hydra-core is pinned to 1.3), so that every spelling it takes
+    # (--config-dir=X, -cd X, an abbreviation) counts.
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        options, _ = parser.parse_known_args(args)
+    except argparse.ArgumentError:  # Hydra will refuse the command line itself
+        return True
+    return any((options.config_dir, options.config_path, options.config_name))
+
+
 def check_overrides(args: list[str], config_name: str, extra_keys: tuple[str, ...] = ()) -> None:
     """Raise a UserError for an unknown group option or a key the config does not have."""
-    if NOT_A_RUN & set(args):
+    if NOT_A_RUN & set(args) or _other_configs(args):
         return
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:  # a malformed override: Hydra's own message says what is wrong with it
+        return
+    if any(o.key_or_group == "hydra.searchpath" for o in overrides):
         return
     groups = group_options()
     keys = [*SCHEMA, *extra_keys]

@@ -226,6 +226,19 @@ def test_slips_on_the_command_line_get_one_line_with_the_fix(tmp_path, script, a
     assert list(tmp_path.iterdir()) == []
 
 
+def test_configs_from_elsewhere_are_left_to_hydra(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "my_exp.yaml").write_text("# @package _global_\ndefaults:\n  - sinusoid\n"
+                                                     "train:\n  meta_steps: 7\n")
+    one_line_error(run_cli("imaml-train", "experiment=my_exp", cwd=tmp_path), "experiment=my_exp is not an option")
+    for where in (["-cd", str(conf)], [f"--config-dir={conf}"], [f"hydra.searchpath=[file://{conf}]"]):
+        result = run_cli("imaml-train", *where, "experiment=my_exp", "--cfg", "job", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        shown = OmegaConf.create(result.stdout)
+        assert shown.train.meta_steps == 7 and shown.dataset.name == "sinusoid"
+
+
 def test_a_sweep_ends_with_a_summary(tmp_path):
     result = run_cli("imaml-train", "-m", *QUICK, "train.meta_steps=2", "algorithm.lam=0.5,1.0",
                      f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
