@@ -21,9 +21,11 @@ from omegaconf import OmegaConf
 
 from conftest import BIN, QUICK, compose, run_cli
 from imaml_cli.config import validate
+from imaml_cli import run_dir_guard
 from imaml_cli.data import image_folder, make_episode_source, omniglot
 from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from imaml_cli.engine.components import build_network
+from imaml_cli.engine.run_lock import RunLock
 
 # Trains until stopped; no checkpoint unless a signal asks for one.
 ENDLESS = QUICK + ["train.meta_steps=100000", "train.val_every=0", "train.checkpoint_every=100000"]
@@ -300,6 +302,55 @@ def test_a_second_command_in_a_busy_run_directory_stops_and_a_killed_one_does_no
     third = run_cli("imaml-train", *QUICK, f"hydra.run.dir={run}", cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+
+
+@pytest.mark.parametrize("other_locks", ["before this one makes the folder", "after this one made it"])
+def test_a_command_refused_by_a_busy_folder_removes_nothing_of_the_owners(tmp_path, monkeypatch, capsys, other_locks):
+    """Two commands start on the same new folder at once and the other takes the lock first."""
+    folder = tmp_path / "new" / "run"
+    others = []
+
+    def other_command():
+        folder.mkdir(parents=True, exist_ok=True)
+        others.append(RunLock(folder))
+        others[0].acquire()  # another open file: flock refuses this process too
+        (folder / "train.log").write_text("the other's log\n")
+
+    def interleaved(path, key, make=run_dir_guard.make_folder):
+        if other_locks.startswith("before"):
+            other_command()
+        made = make(path, key)
+        if other_locks.startswith("after"):
+            other_command()
+        return made
+
+    monkeypatch.setattr(run_dir_guard, "make_folder", interleaved)
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(folder)}, "output_subdir": ".hydra"}})
+    try:
+        with pytest.raises(SystemExit):
+            run_dir_guard.RunDirGuard().on_run_start(config)
+        assert f"run directory {folder} is in use by process {os.getpid()}" in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == [".lock", "train.log"]
+        assert (folder / "train.log").read_text() == "the other's log\n"
+        assert (folder / ".lock").read_text().startswith(f"process {os.getpid()} on ")
+    finally:
+        others[0].release()
+
+
+def test_a_sweep_started_on_a_busy_sweep_directory_writes_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    owner = RunLock(sweep)
+    owner.acquire()
+    try:
+        before = files(sweep)
+        result = run_cli("imaml-train", "-m", *QUICK, "algorithm.lam=0.5,1.0", f"hydra.sweep.dir={sweep}",
+                         cwd=tmp_path)
+        one_line_error(result, f"sweep directory {sweep} is in use by process {os.getpid()} on ",
+                       "or choose another hydra.sweep.dir")
+        assert files(sweep) == before
+    finally:
+        owner.release()
 
 
 def test_under_torchrun_rank_0_holds_the_run_directory(tmp_path):
