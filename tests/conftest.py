@@ -32,6 +32,19 @@ def run_cli(script: str, *args: str, cwd: Path, env: dict | None = None, timeout
                           timeout=timeout)
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Parameters, optimizer state and the episode sampler's state, bit for bit."""
+    assert a["step"] == b["step"]
+    assert a["params"].keys() == b["params"].keys()
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name])), name
+    assert torch.equal(a["rng"]["sampler"], b["rng"]["sampler"])
+
+
 @pytest.fixture(autouse=True)
 def same_random_state_for_every_test():
     """Whatever draws from the global generators (a network's initialisation, torch.randn without a

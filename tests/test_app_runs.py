@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from conftest import QUICK, REPO, compose, run_cli
+from conftest import QUICK, REPO, assert_same_state, compose, run_cli
 from imaml_cli.engine import components, loop
 from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from imaml_cli.engine.loop import train
@@ -34,19 +34,6 @@ def returned_values(target, name: str):
         values.append(original(*args, **kwargs))
         return values[-1]
     return mock.patch.object(target, name, side_effect=record), values
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Parameters, optimizer state and the episode sampler's state, bit for bit."""
-    assert a["step"] == b["step"]
-    assert a["params"].keys() == b["params"].keys()
-    for k in a["params"]:
-        assert torch.equal(a["params"][k], b["params"][k]), k
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for key, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name])), name
-    assert torch.equal(a["rng"]["sampler"], b["rng"]["sampler"])
 
 
 @pytest.mark.parametrize("overrides", [

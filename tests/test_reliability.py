@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, QUICK, compose, run_cli
+from conftest import BIN, QUICK, assert_same_state, compose, run_cli
 from imaml_cli.engine import checkpoint as checkpoint_module
 from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from imaml_cli.engine.loop import train
@@ -91,17 +91,6 @@ class Child:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for k in a["params"]:
-        assert torch.equal(a["params"][k], b["params"][k]), k
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for key, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name])), name
-    assert torch.equal(a["rng"]["sampler"], b["rng"]["sampler"])
 
 
 @pytest.fixture(scope="module")
