@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from imaml_cli.data import make_episode_source, omniglot
+from imaml_cli.data.episodes import SPLITS
 from imaml_cli.data.omniglot import load_omniglot, split_characters
 from imaml_cli.errors import UserError
 
@@ -155,7 +156,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, damage):
 
 def test_packaged_split_sizes_and_disjointness():
     sets = {}
-    for split in omniglot.SPLITS:
+    for split in SPLITS:
         chars = split_characters(split)
         sets[split] = {(archive, alphabet, c) for archive, alphabets in chars.items()
                        for alphabet, names in alphabets.items() for c in names}
@@ -271,7 +272,7 @@ def test_real_omniglot(tmp_path):
     before = snapshot(REAL_ROOT)
     cache = tmp_path / "cache"
     sizes = {}
-    for split in omniglot.SPLITS:
+    for split in SPLITS:
         images = load_omniglot(REAL_ROOT, split, cache_dir=cache)
         assert images.shape[1:] == (20, 1, 28, 28) and images.dtype == torch.uint8
         sizes[split] = images.shape[0]

@@ -7,12 +7,11 @@ import os
 import torch
 
 from imaml_cli.data.cache import default_cache_dir
-from imaml_cli.data.episodes import ClassificationEpisodes, TaskBatch, fixed_episodes
+from imaml_cli.data.episodes import ClassificationEpisodes, TaskBatch, check_split, fixed_episodes
 from imaml_cli.data.sinusoid import SinusoidTasks
 from imaml_cli.errors import UserError
 
 DATASETS = ("omniglot", "miniimagenet", "sinusoid", "image_folder")
-SPLITS = ("train", "val", "test")
 DEFAULT_IMAGE_SIZE = {"omniglot": 28, "miniimagenet": 84}
 
 __all__ = ["ClassificationEpisodes", "SinusoidTasks", "TaskBatch", "default_cache_dir",
@@ -34,8 +33,7 @@ def make_episode_source(name: str, split: str, *, root: str | os.PathLike | None
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset.name {name!r}; choose one of {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split(split)
     if name == "sinusoid":
         return SinusoidTasks(shots, queries, device=device, split=split)
     if root is None:

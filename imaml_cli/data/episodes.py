@@ -13,6 +13,8 @@ import torch
 
 from imaml_cli.errors import UserError
 
+SPLITS = ("train", "val", "test")
+
 
 class TaskBatch(NamedTuple):
     """Support and query sets of T tasks, stacked along a leading task dimension."""
@@ -31,6 +33,14 @@ class EpisodeSource(Protocol):
     input_shape: tuple[int, ...]
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
+
+
+def check_split(split: str, dataset: str = "") -> str:
+    """Return ``split`` if it is one of ``SPLITS``, else raise a UserError naming them."""
+    if split not in SPLITS:
+        what = f"{dataset} split" if dataset else "split"
+        raise UserError(f"unknown {what} {split!r}; choose one of {', '.join(SPLITS)}")
+    return split
 
 
 def check_positive(value: object, name: str) -> int:

@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from imaml_cli.data.cache import default_cache_dir, fingerprint, load_or_build
+from imaml_cli.data.episodes import SPLITS, check_split
 from imaml_cli.errors import UserError
 
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = {1: "L", 3: "RGB"}
 LAYOUTS = ("ROOT/train|val|test/<class>/*, or ROOT/<class>/* (split by train.txt, val.txt and test.txt "
@@ -53,8 +53,7 @@ def load_image_folder(root: str | os.PathLike, split: str, *, image_size: int, c
                       split_fractions: Sequence[float] = (0.64, 0.16, 0.2), split_seed: int = 0,
                       cache_dir: str | os.PathLike | None = None) -> ImageFolder:
     """The classes of ``split`` (class folders without image files are skipped)."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split(split)
     # Resolved before anything hashes a path under it: another spelling of the same folder (a link,
     # a relative path) must find the same cache entry, not rebuild it.
     root = Path(root).expanduser().resolve()
@@ -140,7 +139,8 @@ def _rotate(images: torch.Tensor, classes: list[str], counts: list[int]):
     return torch.cat(rotated), names, [n for n in counts for _ in range(4)]
 
 
-def _scan(folder: Path) -> dict[str, list[Path]]:
+def scan_classes(folder: Path) -> dict[str, list[Path]]:
+    """The image files of each class folder of ``folder``, by class name; hidden files and folders skipped."""
     return {d.name: sorted(p for p in d.iterdir()
                            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
             for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
@@ -149,7 +149,7 @@ def _scan(folder: Path) -> dict[str, list[Path]]:
 def _load_classes(folder: Path, image_size: int, channels: int,
                   cache_dir: str | os.PathLike | None) -> tuple[torch.Tensor, list[str]]:
     """Every image of ``folder``'s class folders, and the class of each (the cache's format)."""
-    groups = _scan(folder)
+    groups = scan_classes(folder)
     files = [p for paths in groups.values() for p in paths]
     return load_or_build(default_cache_dir() if cache_dir is None else cache_dir, "image_folder",
                          {"source": str(folder.resolve()), "image_size": image_size, "channels": channels},
@@ -157,13 +157,18 @@ def _load_classes(folder: Path, image_size: int, channels: int,
 
 
 def _build(groups: dict[str, list[Path]], image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
-    paths = [p for paths in groups.values() for p in paths]
+    images = read_images([p for paths in groups.values() for p in paths], image_size, channels)
+    return images, [name for name, paths in groups.items() for _ in paths]
+
+
+def read_images(paths: list[Path], image_size: int, channels: int) -> torch.Tensor:
+    """The files as uint8 ``[len(paths), channels, image_size, image_size]``, resized as the module says."""
     out = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
     # PIL releases the GIL while decoding, so threads use all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         for i, image in enumerate(pool.map(partial(_load_image, size=image_size, channels=channels), paths)):
             out[i] = image
-    return out, [name for name, paths in groups.items() for _ in paths]
+    return out
 
 
 def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
@@ -171,7 +176,7 @@ def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             # JPEGs decode at a reduced scale (still >= 2x the target), several times faster on
-            # large photos; Lanczos below does the actual downscaling.
+            # large photos (full-size ImageNet files); Lanczos below does the actual downscaling.
             image.draft(mode, (2 * size, 2 * size))
             image = image.convert(mode)
             if image.size != (size, size):

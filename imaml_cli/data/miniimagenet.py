@@ -5,34 +5,32 @@ One of three layouts under ``root``, tried in this order for a split:
                                        ``class_dict`` wnid -> indices), read without running code;
   ``<split>.csv`` + ``images/``        Ravi & Larochelle's ``filename,label`` lists and files;
   ``<split>/<wnid>/*.jpg``             one folder per class.
-Image files are resized to ``image_size`` squared ignoring the aspect ratio, as Ravi &
-Larochelle's script does (PIL Lanczos); pickled arrays, if another size is asked for, with
-antialiased bilinear interpolation. Classes are ordered by wnid. Every class must hold the same
-number of images (600 in the real data; tests use fewer); a class keeps the layout's order.
+Class folders are scanned and image files read by dataset=image_folder's code (its image
+suffixes; hidden files and folders skipped): resized to ``image_size`` squared ignoring the
+aspect ratio, as Ravi & Larochelle's script does (PIL Lanczos). Pickled arrays, if another size
+is asked for, are resized with antialiased bilinear interpolation. Classes are ordered by wnid.
+Every class must hold the same number of images (600 in the real data; tests use fewer); a class
+keeps the layout's order.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from imaml_cli.data import safe_pickle
+from imaml_cli.data import image_folder, safe_pickle
 from imaml_cli.data.cache import default_cache_dir, fingerprint, load_or_build
-from imaml_cli.data.episodes import check_positive
+from imaml_cli.data.episodes import check_positive, check_split
 from imaml_cli.data.resize import resize_uint8
 from imaml_cli.errors import UserError
 
-SPLITS = ("train", "val", "test")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet channel statistics, on pixels scaled to [0, 1]
 STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 WHERE_TO_GET = ("get the images as described at github.com/twitter-research/meta-learning-lstm "
                 "(Ravi & Larochelle's split) and put them there")
 
@@ -42,9 +40,7 @@ Groups = dict[str, list[Path]]
 def load_miniimagenet(root: str | os.PathLike, split: str, image_size: int = 84,
                       cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """Images of ``split`` as uint8 ``[classes, images_per_class, 3, image_size, image_size]``."""
-    if split not in SPLITS:
-        raise UserError(f"unknown Mini-ImageNet split {split!r}; choose one of "
-                        f"{', '.join(SPLITS)}")
+    check_split(split, "Mini-ImageNet")
     check_positive(image_size, "dataset.image_size")
     # Resolved, so that the cache does not take another spelling of the path for another source.
     root = Path(root).expanduser().resolve()
@@ -108,37 +104,15 @@ def _read_csv(listing: Path, image_dir: Path) -> Groups:
 
 
 def _scan_folder(folder: Path) -> Groups:
-    groups = {d.name: sorted(p for p in d.iterdir()
-                             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-              for d in sorted(folder.iterdir()) if d.is_dir()}
+    groups = image_folder.scan_classes(folder)
     _check_counts(groups, folder)
     return groups
 
 
 def _from_files(groups: Groups, image_size: int) -> tuple[torch.Tensor, list[str]]:
     classes = sorted(groups)
-    paths = [p for c in classes for p in groups[c]]
-    out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
-    # PIL releases the GIL while decoding, so threads use all cores.
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for i, image in enumerate(pool.map(partial(_load_image, size=image_size), paths)):
-            out[i] = image
-    return out.view(len(classes), -1, 3, image_size, image_size), classes
-
-
-def _load_image(path: Path, size: int) -> torch.Tensor:
-    try:
-        with Image.open(path) as image:
-            # JPEGs decode at a reduced scale (still >= 2x the target): several times faster on
-            # full-size ImageNet files, and Lanczos below does the actual downscaling.
-            image.draft("RGB", (2 * size, 2 * size))
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.LANCZOS)
-            data = image.tobytes()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read the image {path} ({exc}); replace the file") from exc
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    images = image_folder.read_images([p for c in classes for p in groups[c]], image_size, channels=3)
+    return images.view(len(classes), -1, 3, image_size, image_size), classes
 
 
 def _from_pickle(path: Path, image_size: int) -> tuple[torch.Tensor, list[str]]:

@@ -27,11 +27,10 @@ import torch
 from PIL import Image
 
 from imaml_cli.data.cache import default_cache_dir, fingerprint, load_or_build
-from imaml_cli.data.episodes import check_positive
+from imaml_cli.data.episodes import check_positive, check_split
 from imaml_cli.data.resize import resize_uint8
 from imaml_cli.errors import UserError
 
-SPLITS = ("train", "val", "test")
 ARCHIVES = ("background", "evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 MD5 = {"background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -47,8 +46,7 @@ Characters = Mapping[str, Mapping[str, Sequence[str]]]
 
 def split_characters(split: str) -> Characters:
     """The characters of a split of Vinyals et al. (1028 / 172 / 423), as packaged."""
-    if split not in SPLITS:
-        raise UserError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split(split, "Omniglot")
     text = (resources.files("imaml_cli.data").joinpath("splits")
             .joinpath(f"omniglot_{split}.json").read_text(encoding="utf-8"))
     return json.loads(text)

@@ -6,11 +6,8 @@ import math
 
 import torch
 
-from imaml_cli.data.episodes import TaskBatch, check_positive
+from imaml_cli.data.episodes import SPLITS, TaskBatch, check_positive, check_split
 from imaml_cli.errors import UserError
-
-
-SPLITS = ("train", "val", "test")
 
 
 class SinusoidTasks:
@@ -28,8 +25,7 @@ class SinusoidTasks:
                  phase: tuple[float, float] = (0.0, math.pi),
                  x_range: tuple[float, float] = (-5.0, 5.0),
                  device: torch.device | str = "cpu", split: str = "train"):
-        if split not in SPLITS:
-            raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self.split_index = SPLITS.index(check_split(split))
         self.shots = check_positive(shots, "dataset.shots")
         self.queries = check_positive(queries, "dataset.queries")
         for name, (low, high) in (("amplitude", amplitude), ("phase", phase),
@@ -39,7 +35,6 @@ class SinusoidTasks:
                                 f"give it as [low, high] with low <= high")
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
         self.device = torch.device(device)
-        self.split_index = SPLITS.index(split)
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         k = self.shots
