@@ -13,7 +13,6 @@ from imaml_cli.config import validate
 from imaml_cli.data import image_folder, make_episode_source
 from imaml_cli.data.image_folder import load_image_folder
 from imaml_cli.engine import components
-from imaml_cli.engine.evaluation_run import evaluate_checkpoint
 from imaml_cli.engine.loop import train
 from imaml_cli.errors import UserError
 
@@ -232,37 +231,37 @@ RUN = ["dataset=image_folder", f"dataset.image_size={SIZE}", "dataset.ways=3", "
        "eval.batch_size=2", "train.progress=false"]
 
 
-@pytest.mark.parametrize("layout", ["split_folders", "class_lists", "random_split"])
-def test_training_runs_on_each_layout(tmp_path, cache_dir, layout):
-    root = tmp_path / "root"
+def make_layout(root, layout):
+    """Ten classes of 4 or 5 images (three splits of at least 3 classes) in ``layout``."""
     if layout == "split_folders":
         split_folders(root)
-    else:
-        write_classes(root, [f"c{i}" for i in range(10)], [4, 5] * 5)
+        return
+    write_classes(root, [f"c{i}" for i in range(10)], [4, 5] * 5)
     if layout == "class_lists":
         for split, names in (("train", "c0 c1 c2 c3"), ("val", "c4 c5 c6"), ("test", "c7 c8 c9")):
             (root / f"{split}.txt").write_text("\n".join(names.split()))
-    overrides = RUN + [f"dataset.root={root}", "dataset.split_fractions=[0.4,0.3,0.3]"]
-    train(compose(overrides), tmp_path / "run")
+
+
+@pytest.mark.parametrize("layout, channels", [("split_folders", 1), ("class_lists", 3), ("random_split", 3)])
+def test_the_commands_train_and_evaluate_on_each_layout(tmp_path, cache_dir, layout, channels):
+    """The installed scripts, from another folder, with a network built for the folder's images."""
+    root = tmp_path / "root"
+    make_layout(root, layout)
+    env = {"IMAML_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    trained = run_cli("imaml-train", *RUN, f"dataset.root={root}", f"dataset.channels={channels}",
+                      "dataset.split_fractions=[0.4,0.3,0.3]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                      env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "test accuracy" in trained.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test"]["metric"] == "accuracy" and results["test"]["ways"] == 3
     assert results["checkpoint"] == "best" and results["meta_steps"] == 2
-
-
-def test_train_command_and_evaluation_on_a_folder_of_grayscale_images(tmp_path, cache_dir):
-    """The installed script, from another folder, with a network built for the folder's images."""
-    root = tmp_path / "root"
-    split_folders(root)
-    trained = run_cli("imaml-train", *RUN, f"dataset.root={root}", "dataset.channels=1",
-                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                      env={"IMAML_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"})
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    assert "test accuracy" in trained.stdout
-    # imaml-eval's work, in this process, on another split.
-    overrides = [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "eval.episodes=6", "eval.split=val"]
-    evaluate_checkpoint(compose(overrides, config_name="eval"), overrides, tmp_path / "eval")
+    evaluated = run_cli("imaml-eval", f"checkpoint={tmp_path / 'run'}", "eval.episodes=6", "eval.split=val",
+                        f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "val accuracy" in evaluated.stdout
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["episodes"] == 6 and result["split"] == "val"
+    assert result["episodes"] == 6 and result["split"] == "val" and result["ways"] == 3
 
 
 def test_a_folder_that_cannot_serve_the_settings_stops_the_run_before_training(tmp_path, cache_dir):
