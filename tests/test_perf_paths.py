@@ -21,7 +21,7 @@ from imaml_cli.meta import tree
 from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.cg import conjugate_gradient
 from imaml_cli.meta.hvp import hessian_operator
-from imaml_cli.meta.inner import GradientDescent, NewtonCG
+from imaml_cli.meta.inner import LINE_SEARCH_STEPS, GradientDescent, NewtonCG
 from imaml_cli.meta.precision import matmul_precision
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.models import ConvNet, build_model
@@ -193,7 +193,7 @@ def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name
     assert relative_error(phi, {k: v.expand_as(phi[k]) for k, v in theta.items()}) > 1e-3
 
 
-FUSED_PASSES = ("outputs_and_gradient", "outputs_and_hessian", "outputs")
+FUSED_PASSES = ("outputs_and_gradient", "outputs_and_hessian", "outputs_gradient_and_hessian", "outputs")
 
 
 @contextmanager
@@ -228,6 +228,20 @@ def test_fused_true_runs_the_hand_written_passes(algorithm, inner, gradients, he
     with hand_written_passes_only() as calls:
         learner.adapt(model.parameters(), tasks_for("stride"))
     assert calls["outputs_and_gradient"] == inner.steps, calls
+
+
+def test_fused_newton_cg_linearises_once_per_iteration():
+    """Each Newton iteration: one linearisation (its gradient and every CG product), one forward
+    pass per nonzero line-search step; then the query gradient and CG's linearisation."""
+    model = TaskModel(make_net("stride"), "classification")
+    learner = MetaLearner(model, "imaml", NewtonCG(3, 2), lam=2.0, cg_steps=3)
+    searched = len([s for s in LINE_SEARCH_STEPS if s]) * 3
+    with hand_written_passes_only() as calls:
+        learner.meta_gradient(model.parameters(), tasks_for("stride"))
+    # The metrics' forward passes: post-adaptation support is the Hessian's; pre-query and post-query
+    # come from the query gradient and one extra pass.
+    assert (calls["outputs_and_gradient"], calls["outputs_gradient_and_hessian"]) == (1, 3 + 1), calls
+    assert calls["outputs"] == searched + 1, calls
 
 
 @pytest.mark.parametrize("experiment, shape", [("omniglot_5w1s", (1, 28, 28)), ("miniimagenet_5w1s", (3, 84, 84))])
@@ -309,7 +323,8 @@ def test_native_convolution_refuses_cached_products_under_vmap():
     with pytest.raises(ValueError, match="forward_over_reverse"):
         MetaLearner(model, "imaml", GradientDescent(1, 0.1), hvp_mode="reverse_over_reverse", fused=False)
     with pytest.raises(ValueError, match="forward_over_reverse"):
-        MetaLearner(model, "imaml", NewtonCG(1, 2, "reverse_over_reverse"))
+        MetaLearner(model, "imaml", NewtonCG(1, 2, "reverse_over_reverse"), fused=False)
+    MetaLearner(model, "imaml", NewtonCG(1, 2, "reverse_over_reverse"))  # fused Newton-CG needs no autograd
     MetaLearner(model, "imaml", GradientDescent(1, 0.1), hvp_mode="forward_over_reverse", fused=False)
     MetaLearner(model, "imaml", GradientDescent(1, 0.1))  # the fused products need no autograd
 

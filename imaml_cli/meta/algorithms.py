@@ -2,8 +2,8 @@
 
 Every algorithm is written for one task and mapped over the tasks of a meta-batch with ``vmap``
 (or, for reference and benchmarks, a plain Python loop over the same per-task function). For the
-ReLU conv nets, a gradient-descent inner loop and everything after it can instead run through the
-hand-written batched passes of ``models/fused.py`` (``MetaLearner.fused``): the same
+ReLU conv nets, the inner loop (gradient descent or Newton-CG) and everything after it can instead
+run through the hand-written batched passes of ``models/fused.py`` (``MetaLearner.fused``): the same
 meta-gradient, about twice as fast on CPU (BENCHMARKS.md).
 
 - ``imaml``: adapt φ by the inner solver on L̂(φ) + λ/2‖φ − θ‖², then solve
@@ -24,7 +24,7 @@ from imaml_cli.data.episodes import TaskBatch
 from imaml_cli.meta import tree
 from imaml_cli.meta.cg import SOLVERS, conjugate_gradient, neumann_series
 from imaml_cli.meta.hvp import HVP_MODES, hessian_operator
-from imaml_cli.meta.inner import GradientDescent, InnerSolver
+from imaml_cli.meta.inner import GradientDescent, InnerSolver, NewtonCG
 from imaml_cli.meta.precision import check_precision, matmul_precision
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.meta.tree import Params
@@ -50,12 +50,12 @@ class MetaLearner:
     rounding; the defaults are the fastest exact choices.
 
     - ``hvp_mode``: how CG's Hessian-vector products are taken by autograd (``hessian_operator``).
-    - ``fused``: with a gradient-descent inner loop, and a network ``TaskModel.fused`` covers
-      (the ReLU conv nets), take the inner loop's gradients, the query gradients, iMAML's
-      Hessian-vector products and the metrics' forward passes for all tasks at once by the
-      hand-written passes of ``models/fused.py`` instead of ``vmap`` over autograd (``hvp_mode``
-      then does not apply). Needs ``vectorize``; not for MAML, which differentiates through the
-      inner loop.
+    - ``fused``: for a network ``TaskModel.fused`` covers (the ReLU conv nets), take the inner
+      loop's gradients (and Newton-CG's Hessian-vector products and line-search passes), the query
+      gradients, iMAML's Hessian-vector products and the metrics' forward passes for all tasks at
+      once by the hand-written passes of ``models/fused.py`` instead of ``vmap`` over autograd
+      (``hvp_mode`` and Newton-CG's ``hvp_mode`` then do not apply). Needs ``vectorize``; not for
+      MAML's meta-gradient, which differentiates through the inner loop.
     - ``precision``: the internal precision of float32 matrix products during a meta-step
       (``meta/precision.py``): ``ieee``, ``bf16`` (CPU) or ``tf32`` (CUDA). Not ``ieee`` changes
       the result: on Omniglot the meta-gradient after 16 inner steps moves far more than bf16's
@@ -88,9 +88,11 @@ class MetaLearner:
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {self.hvp_mode!r}; expected one of {HVP_MODES}")
         check_precision(self.precision)
-        autograd_modes = {getattr(self.inner, "hvp_mode", None)}
-        if self.algorithm == "imaml" and self._fused_model() is None:
-            autograd_modes.add(self.hvp_mode)
+        autograd_modes = set()
+        if self._fused_model() is None:
+            autograd_modes.add(getattr(self.inner, "hvp_mode", None))
+            if self.algorithm == "imaml":
+                autograd_modes.add(self.hvp_mode)
         if ("reverse_over_reverse" in autograd_modes and self.vectorize
                 and getattr(self.model.network, "conv_impl", None) == "native"):
             # F.batch_norm's double backward reads .data, which vmap forbids.
@@ -171,7 +173,7 @@ class MetaLearner:
 
     def _fused_model(self):
         """The hand-written batched gradient, when the settings allow it, else None."""
-        if self.fused and self.vectorize and isinstance(self.inner, GradientDescent):
+        if self.fused and self.vectorize:
             return self.model.fused
         return None
 
@@ -180,14 +182,33 @@ class MetaLearner:
         fused = self._fused_model()
         if fused is not None:
             data = fused.prepare(support_x, support_y, reuse=True)
-            phi = self.inner.batched(lambda p: self._fused_gradient_and_loss(fused, p, data, support_y)[:2],
-                                     fused.to_internal(theta), self.inner_lam, len(support_x))
-            return fused.from_internal(phi)
+            return fused.from_internal(self._fused_adapt(fused, fused.to_internal(theta), data, support_y, {}))
 
         def one_task(xs, ys):
             return self.inner(lambda p: self.model.loss(p, xs, ys), theta, self.inner_lam)
 
         return self._map(one_task, support_x, support_y)
+
+    def _fused_adapt(self, fused, theta: Params, support, support_y: torch.Tensor, known: dict) -> Params:
+        """φ per task, in ``fused``'s layout, by the inner solver's batched form; the outputs at θ
+        go into ``known`` as pre_support."""
+        if isinstance(self.inner, NewtonCG):
+            def linearise(params):
+                outputs, grads, hessian = fused.outputs_gradient_and_hessian(params, support)
+                known.setdefault("pre_support", outputs)
+                return grads, self.model.batched_loss_of_outputs(outputs, support_y), hessian
+
+            def loss(params):
+                return self.model.batched_loss_of_outputs(fused.outputs(params, support), support_y)
+
+            return self.inner.batched(linearise, loss, theta, self.inner_lam, len(support_y))
+
+        def gradient(params):
+            grads, loss, outputs = self._fused_gradient_and_loss(fused, params, support, support_y)
+            known.setdefault("pre_support", outputs)
+            return grads, loss
+
+        return self.inner.batched(gradient, theta, self.inner_lam, len(support_y))
 
     def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor):
         """The batched support-loss gradients and the losses ``[T]`` (what ``GradientDescent.batched``
@@ -230,13 +251,7 @@ class MetaLearner:
         support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
         theta_i = fused.to_internal(theta)
         known = {}
-
-        def gradient(params):
-            grads, loss, outputs = self._fused_gradient_and_loss(fused, params, support, tasks.support_y)
-            known.setdefault("pre_support", outputs)
-            return grads, loss
-
-        phi = self.inner.batched(gradient, theta_i, self.inner_lam, len(tasks.support_x))
+        phi = self._fused_adapt(fused, theta_i, support, tasks.support_y, known)
         extra = {}
         if self.algorithm == "reptile":
             query = fused.prepare(tasks.query_x)

@@ -158,5 +158,35 @@ class NewtonCG:
             phi = {k: torch.stack([c[k] for c in candidates])[best] for k in phi}
         return phi
 
+    def batched(self, linearise: Callable[[Params], tuple[Params, torch.Tensor, Callable[[Params], Params]]],
+                loss: Callable[[Params], torch.Tensor], theta: Params, lam: float, tasks: int) -> Params:
+        """The same iterations for ``tasks`` tasks at once. ``linearise``: φ ``[T, ...]`` ↦ the
+        batched loss gradients, the losses ``[T]`` and v ↦ ∇²L̂(φ)·v per task; ``loss``: φ ↦ the
+        losses ``[T]``.
+
+        One linearisation per iteration serves its gradient and all its CG products, and each
+        line-search step costs one batched forward pass; the per-task choice of step is the same
+        as ``__call__``'s (the first of ``LINE_SEARCH_STEPS`` with the lowest objective).
+        """
+        theta = {k: v.expand(tasks, *v.shape) for k, v in theta.items()}
+        phi = theta
+
+        def objective(candidate: Params, losses: torch.Tensor) -> torch.Tensor:
+            diff = tree.add(candidate, theta, -1.0)
+            return losses + 0.5 * lam * tree.dot(diff, diff, batch_dims=1)
+
+        for _ in range(self.steps):
+            g, losses, hessian = linearise(phi)
+            g = tree.add(g, tree.add(phi, theta, -1.0), lam)
+            direction = conjugate_gradient(lambda v: tree.add(hessian(v), v, lam), tree.scale(g, -1.0),
+                                           self.cg_steps, stop_at_negative_curvature=True, batch_dims=1).solution
+            values = []
+            for step in LINE_SEARCH_STEPS:
+                candidate = tree.add(phi, direction, step) if step else phi
+                values.append(objective(candidate, loss(candidate) if step else losses))
+            steps = torch.tensor(LINE_SEARCH_STEPS, dtype=losses.dtype, device=losses.device)
+            phi = tree.add(phi, direction, steps[torch.stack(values).argmin(0)])
+        return phi
+
 
 InnerSolver = GradientDescent | NewtonCG
