@@ -5,6 +5,16 @@
     python scripts/benchmark.py --quick         # a smoke test of every part, well under a minute
     python scripts/benchmark.py --device cuda   # on a GPU: timings synchronised, peak allocated memory
     python scripts/benchmark.py --solvers       # only CG against the Neumann series (add --quick: seconds)
+    python scripts/benchmark.py --authors ../shared/peers           # also the authors' code, same run
+    python scripts/benchmark.py --authors ../shared/peers --only-authors   # just that comparison
+
+``--authors DIR`` takes the folder holding the authors' code (``imaml_dev/``) and ``time_authors.sh``
+(or ``imaml_dev`` itself), times their Omniglot example at two run lengths in this run, and prints
+the ratio of their seconds per meta-step (the difference of the two, per step) to ours. Every
+timed case also reports its FLOPs per meta-step, counted by ``torch.utils.flop_counter.FlopCounterMode``
+(matrix products and convolutions only; elementwise work is not counted), the GFLOP/s it achieved
+and that as a fraction of this machine's matrix-product throughput, measured at the start of the
+run (float32, and bfloat16 where the device has it); FLOPs over that throughput is the case's floor.
 
 Every timed case runs in a fresh subprocess, so that its peak resident memory (CPU) is its own.
 Timing cases use random tensors of the right shapes; episode sampling uses the real Omniglot
@@ -33,16 +43,22 @@ GIB = 1024 ** 3
 
 # Meta-batch shapes. Omniglot 5-way 1-shot as in the authors' example command (meta-batch 32, one
 # support and one query image per class, 16 inner steps, λ = 2, 5 CG steps); the others as in
-# conf/experiment.
+# conf/experiment. ``hf_steps``: iMAML-HF's Newton iterations, the presets' inner_steps.hf.
 CASES = {
-    "omniglot_5w1s": dict(model="omniglot_conv", ways=5, shots=1, queries=1, tasks=32, steps=16, lr=0.1, lam=2.0),
-    "omniglot_5w1s_q15": dict(model="omniglot_conv", ways=5, shots=1, queries=15, tasks=32, steps=16, lr=0.1,
-                              lam=2.0),
-    "omniglot_20w1s": dict(model="omniglot_conv", ways=20, shots=1, queries=15, tasks=16, steps=25, lr=0.1, lam=2.0),
-    "miniimagenet_5w1s": dict(model="miniimagenet_conv", ways=5, shots=1, queries=15, tasks=4, steps=10, lr=0.01,
-                              lam=0.5),
-    "sinusoid": dict(model="sinusoid_mlp", ways=1, shots=10, queries=10, tasks=25, steps=5, lr=0.01, lam=1.0),
+    "omniglot_5w1s": dict(model="omniglot_conv", ways=5, shots=1, queries=1, tasks=32, steps=16, hf_steps=5, lr=0.1,
+                          lam=2.0),
+    "omniglot_5w1s_q15": dict(model="omniglot_conv", ways=5, shots=1, queries=15, tasks=32, steps=16, hf_steps=5,
+                              lr=0.1, lam=2.0),
+    "omniglot_20w1s": dict(model="omniglot_conv", ways=20, shots=1, queries=15, tasks=16, steps=25, hf_steps=5, lr=0.1,
+                           lam=2.0),
+    "miniimagenet_5w1s": dict(model="miniimagenet_conv", ways=5, shots=1, queries=15, tasks=4, steps=10, hf_steps=5,
+                              lr=0.01, lam=0.5),
+    "sinusoid": dict(model="sinusoid_mlp", ways=1, shots=10, queries=10, tasks=25, steps=5, hf_steps=3, lr=0.01,
+                     lam=1.0),
 }
+# Run lengths (meta-steps) at which the authors' example is timed; their difference cancels start-up.
+AUTHORS_STEPS = (3, 13)
+AUTHORS_QUICK_STEPS = (1, 3)
 METHODS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
 SCALING_STEPS = (5, 10, 20, 40, 80, 160)
 # The speed switches, each on top of the previous line; the last is the default.
@@ -97,9 +113,8 @@ def make_learner(case: dict, method: str, options: dict, device, dtype=None):
     network = network.to(device, dtype or torch.float32)
     kind = "regression" if case["model"] == "sinusoid_mlp" else "classification"
     if method == "imaml-hf":
-        # A quarter of the GD steps as Newton iterations: each costs a gradient, 5 CG products and
-        # 6 line-search losses.
-        inner = NewtonCG(max(1, case["steps"] // 4), 5, options.pop("newton_hvp_mode", "reverse_over_reverse"))
+        # The presets' setting: hf_steps Newton iterations of 5 CG products and a 6-point line search.
+        inner = NewtonCG(case["hf_steps"], 5, options.pop("newton_hvp_mode", "reverse_over_reverse"))
     else:
         # iMAML-GD's default inner loop is the monotone (backtracking) one; the others take plain steps.
         inner = GradientDescent(case["steps"], case["lr"], options.pop("backtrack", method == "imaml-gd"))
@@ -118,6 +133,7 @@ def current_rss() -> int:
 
 def run_worker(spec: dict) -> dict:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -151,14 +167,55 @@ def run_worker(spec: dict) -> dict:
             break
     # Below 1, the machine's other work took cores from this case while it was being timed.
     utilization = sum(cpu) / (sum(times) * torch.get_num_threads())
+    with FlopCounterMode(display=False) as counter:  # after the timing: counting slows the step down
+        learner.meta_gradient(theta, tasks)
     result = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-              "cpu_utilization": utilization,
+              "cpu_utilization": utilization, "flops": counter.get_total_flops(),
               "tasks_per_s": case["tasks"] / statistics.median(times), "base_rss_bytes": base_rss,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         result["base_cuda_bytes"] = base_cuda
     return result
+
+
+def run_throughput(spec: dict) -> dict:
+    """The device's matrix-product throughput in GFLOP/s: the best of repeated square products,
+    float32 and, where the device has it, bfloat16 (the floor every case is measured against)."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    n = 4096 if device.type == "cuda" else 2048
+    dtypes = {"float32": torch.float32}
+    if bf16_products(device):
+        dtypes["bfloat16"] = torch.bfloat16
+    out = {"size": n}
+    for name, dtype in dtypes.items():
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        best = float("inf")
+        for _ in range(spec["reps"]):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_gflops"] = 2 * n ** 3 / best / 1e9
+    return out
+
+
+def bf16_products(device) -> bool:
+    """Whether the device multiplies bfloat16 matrices in hardware (CPU: AVX-512 BF16 or AMX)."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def run_accuracy(spec: dict) -> dict:
@@ -430,16 +487,84 @@ def print_table(title, header, rows):
         print(fmt_row(r, widths))
 
 
+TIMING_COLUMNS = ["s/meta-step", "tasks/s", "peak GiB", "GFLOP", "GFLOP/s", "of fp32 peak", "notes"]
+
+
 def timing_row(name, result, cuda):
     if "error" in result:
-        return [name, "error", "", "", result["error"][:60]]
+        return [name, "error", "", "", "", "", "", result["error"][:60]]
     if "skipped" in result:
-        return [name, "skipped", "", "", result["skipped"]]
+        return [name, "skipped", "", "", "", "", "", result["skipped"]]
     mem = peak(result, cuda)
     notes = f"{len(result['times_s'])} reps, min {result['min_s']:.3f}"
     if not cuda:
         notes += f", cpu {result['cpu_utilization']:.2f}"
-    return [name, f"{result['median_s']:.3f}", f"{result['tasks_per_s']:.1f}", f"{mem:.2f}" if mem else "", notes]
+    fraction = result.get("fraction_of_fp32_peak")
+    return [name, f"{result['median_s']:.3f}", f"{result['tasks_per_s']:.1f}", f"{mem:.2f}" if mem else "",
+            f"{result['flops'] / 1e9:.1f}", f"{result['gflops_per_s']:.0f}",
+            f"{100 * fraction:.0f}%" if fraction is not None else "", notes]
+
+
+def against_peak(result: dict, throughput: dict) -> dict:
+    """The case's achieved GFLOP/s, that as a fraction of the float32 throughput, and its floor (its
+    FLOPs at that throughput)."""
+    if "median_s" not in result:
+        return result
+    result["gflops_per_s"] = result["flops"] / result["median_s"] / 1e9
+    if "float32_gflops" in throughput:
+        result["fraction_of_fp32_peak"] = result["gflops_per_s"] / throughput["float32_gflops"]
+        result["fp32_floor_s"] = result["flops"] / throughput["float32_gflops"] / 1e9
+    return result
+
+
+def authors_script(path: Path) -> Path:
+    """``time_authors.sh`` for a folder that holds it and ``imaml_dev/``, or for ``imaml_dev`` itself."""
+    for folder in (path, path.parent):
+        if (folder / "time_authors.sh").is_file() and (folder / "imaml_dev").is_dir():
+            return folder / "time_authors.sh"
+    sys.exit(f"error: no time_authors.sh beside imaml_dev/ in {path} or its parent; "
+             f"pass --authors the folder that holds both (../shared/peers)")
+
+
+def against_authors(args, results: dict, timed) -> None:
+    """Section 0: the authors' Omniglot example and ours in its shapes, in this run. Theirs is timed
+    at two run lengths and differenced (start-up, data loading and task generation cancel)."""
+    script = authors_script(args.authors.resolve())
+    first, last = AUTHORS_QUICK_STEPS if args.quick else AUTHORS_STEPS
+    env = dict(os.environ, PYTHON=sys.executable)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    seconds = {}
+    for steps in (first, last):
+        proc = subprocess.run(["bash", str(script), str(steps)], capture_output=True, text=True, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            results["authors"] = {"error": proc.stderr.strip()[-300:]}
+            print(f"\nThe authors' code failed at {steps} meta-steps: {results['authors']['error']}")
+            return
+        seconds[steps] = float(proc.stdout.split()[-1])
+    per_step = (seconds[last] - seconds[first]) / (last - first)
+    authors = {"script": str(script), "seconds": seconds, "per_step_s": per_step}
+    results["authors"] = authors
+    rows = [["authors' code (their example command)", f"{per_step:.3f}", "1.0x",
+             f"{seconds[first]:.1f} s at {first} steps, {seconds[last]:.1f} s at {last}"]]
+    for method in ("imaml-gd", "imaml-hf"):
+        r = timed("omniglot_5w1s", method)
+        authors[method] = r
+        if "median_s" not in r:
+            rows.append([method, "error", "", r.get("error", "")[:60]])
+            continue
+        authors[f"{method}_speedup"] = per_step / r["median_s"]
+        rows.append([f"ours, {method}", f"{r['median_s']:.3f}", f"{per_step / r['median_s']:.1f}x",
+                     f"{r['flops'] / 1e9:.1f} GFLOP, {100 * r.get('fraction_of_fp32_peak', 0):.0f}% of fp32 peak, "
+                     f"floor {r.get('fp32_floor_s', float('nan')):.3f} s"])
+    if "imaml-hf" in authors and "median_s" in authors["imaml-hf"] and "median_s" in authors["imaml-gd"]:
+        authors["hf_over_gd"] = authors["imaml-hf"]["median_s"] / authors["imaml-gd"]["median_s"]
+    print_table("Against the authors' code: Omniglot 5-way 1-shot in their shapes (32 tasks, 1 query/class, "
+                "16 inner steps, λ = 2, 5 CG steps), same machine, same run",
+                ["code", "s/meta-step", "speed-up", "notes"], rows)
+    if "hf_over_gd" in authors:
+        print(f"iMAML-HF ({CASES['omniglot_5w1s']['hf_steps']} Newton iterations) / iMAML-GD per meta-step: "
+              f"{authors['hf_over_gd']:.2f}")
 
 
 def capped(spec: dict, cap_gib: float, cuda: bool, probe: dict) -> dict:
@@ -509,8 +634,8 @@ def speed_suite(args, base: dict, results: dict, timed) -> None:
             rows.append(timing_row(method, r, cuda))
         c = dict(CASES[case_name], tasks=min(CASES[case_name]["tasks"], 4) if args.quick else CASES[case_name]["tasks"])
         print_table(f"{case_name}: meta-batch {c['tasks']}, {c['ways']}-way {c['shots']}-shot, {c['queries']} "
-                    f"queries/class, {c['steps']} inner steps (HF: {max(1, c['steps'] // 4)} Newton steps)",
-                    ["method", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+                    f"queries/class, {c['steps']} inner steps (HF: {c['hf_steps']} Newton steps)",
+                    ["method", *TIMING_COLUMNS], rows)
 
     # 2. The speed switches, on the authors' 5-way 1-shot shapes with iMAML-GD.
     if not cuda and not args.quick:
@@ -519,13 +644,13 @@ def speed_suite(args, base: dict, results: dict, timed) -> None:
             r = timed("omniglot_5w1s", "imaml-gd", options)
             results["levers"][name] = dict(r, options=options)
             rows.append(timing_row(name, r, cuda))
-        for mode in ("forward_over_reverse", "reverse_over_reverse"):
-            name = f"iMAML-HF, Newton's products {mode}"
-            r = timed("omniglot_5w1s", "imaml-hf", dict(newton_hvp_mode=mode))
-            results["levers"][name] = dict(r, options={"newton_hvp_mode": mode})
+        for name, options in (("iMAML-HF, fused passes (default)", {}),
+                              ("iMAML-HF, vmap over autograd (fused=False)", {"fused": False})):
+            r = timed("omniglot_5w1s", "imaml-hf", options)
+            results["levers"][name] = dict(r, options=options)
             rows.append(timing_row(name, r, cuda))
         print_table("Speed switches, omniglot_5w1s, iMAML-GD (each line adds to the one above)",
-                    ["configuration", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+                    ["configuration", *TIMING_COLUMNS], rows)
 
     # 3. Batched against the per-task loop that the tests use as reference, same inputs.
     rows, results["batched_vs_loop"] = [], {}
@@ -535,7 +660,7 @@ def speed_suite(args, base: dict, results: dict, timed) -> None:
         results["batched_vs_loop"][name] = r
         rows.append(timing_row(name, r, cuda))
     print_table("Batched vs per-task loop, omniglot_5w1s, iMAML-GD",
-                ["path", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+                ["path", *TIMING_COLUMNS], rows)
 
     # 4. Inner-step scaling: the paper's compute-and-memory figure, on our code.
     steps_list = (5, 10) if args.quick else SCALING_STEPS
@@ -611,7 +736,7 @@ def compare_solvers(args, base: dict, results: dict, timed) -> None:
                 results["solvers"]["timing"][f"{case_name}/{solver}/{steps}"] = r
                 rows.append(timing_row(f"{case_name}, {solver}, {steps} steps", r, args.device == "cuda"))
     print_table("Seconds per iMAML-GD meta-step by implicit solver (default settings otherwise)",
-                ["case, solver, steps", "s/meta-step", "tasks/s", "peak GiB", "notes"], rows)
+                ["case, solver, steps", *TIMING_COLUMNS], rows)
 
 
 def main():
@@ -627,26 +752,39 @@ def main():
     parser.add_argument("--plot", type=Path, help="default: docs/inner_step_scaling.png (--quick: a temp dir)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fused passes (slow)")
     parser.add_argument("--solvers", action="store_true", help="only section 7, CG against the Neumann series")
+    parser.add_argument("--authors", type=Path, help="also time the authors' code: the folder with imaml_dev/ and "
+                        "time_authors.sh (../shared/peers)")
+    parser.add_argument("--only-authors", action="store_true", help="with --authors: only that comparison")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         kind, spec = args.worker
         runner = {"time": run_worker, "accuracy": run_accuracy, "sampling": run_sampling, "compile": run_compile,
-                  "solvers": run_solver_accuracy}[kind]
+                  "solvers": run_solver_accuracy, "throughput": run_throughput}[kind]
         print("RESULT " + json.dumps(runner(json.loads(spec))))
         return
 
     out_dir = Path(tempfile.gettempdir()) / "imaml_benchmark_quick" if args.quick else REPO / "docs"
-    args.json = args.json or out_dir / ("benchmark_solvers.json" if args.solvers else "benchmark_results.json")
+    args.json = args.json or out_dir / ("benchmark_solvers.json" if args.solvers else
+                                        "benchmark_authors.json" if args.only_authors else "benchmark_results.json")
     args.plot = args.plot or out_dir / "inner_step_scaling.png"
     cuda = args.device == "cuda"
     base = dict(device=args.device, threads=args.threads or None, warmup=1, reps=2 if args.quick else args.reps,
                 budget_s=3.0 if args.quick else args.budget)
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(args.device),
                "load_before": load(), "memory_cap_gib": args.memory_cap}
+    if args.only_authors and not args.authors:
+        parser.error("--only-authors needs --authors DIR")
     started = time.perf_counter()
     probe: dict = {}
+    throughput = results["throughput"] = spawn("throughput", dict(base, reps=10))
+    if "error" in throughput:
+        print(f"Matrix-product throughput failed: {throughput['error']}")
+    else:
+        print("Matrix-product throughput (best of 10 square products of size "
+              f"{throughput['size']}): " + ", ".join(f"{k.removesuffix('_gflops')} {v:.0f} GFLOP/s"
+                                                      for k, v in throughput.items() if k.endswith("_gflops")))
 
     def timed(case_name, method, options=None, steps=None):
         case = dict(CASES[case_name])
@@ -656,14 +794,17 @@ def main():
             case["tasks"] = min(case["tasks"], 4)
         spec = dict(base, case=case, method=method, options=options or {})
         if method == "maml" and not args.quick:
-            return capped(spec, args.memory_cap, cuda, probe)
-        return spawn("time", spec)
+            return against_peak(capped(spec, args.memory_cap, cuda, probe), throughput)
+        return against_peak(spawn("time", spec), throughput)
 
     if args.quick:
         print("--quick: meta-batches of at most 4 tasks, 2 timed steps; numbers are for smoke-testing only")
-    if not args.solvers:
+    if args.authors:
+        against_authors(args, results, timed)
+    if not args.solvers and not args.only_authors:
         speed_suite(args, base, results, timed)
-    compare_solvers(args, base, results, timed)
+    if not args.only_authors:
+        compare_solvers(args, base, results, timed)
 
     results["load_after"] = load()
     results["wall_s"] = time.perf_counter() - started
