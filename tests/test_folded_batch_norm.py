@@ -105,10 +105,11 @@ SMALL = {
 
 @pytest.mark.parametrize("algorithm, inner, options", [
     ("maml", GradientDescent(3, 0.3), {}),
-    ("imaml", NewtonCG(2, 3), {}),
+    ("imaml", NewtonCG(2, 3), {"fused": False}),
+    ("imaml", NewtonCG(2, 3), {"fused": True}),
     ("imaml", GradientDescent(3, 0.3), {"fused": False}),
     ("imaml", GradientDescent(3, 0.3), {"fused": True}),  # the fused passes fold the same way
-], ids=["maml", "imaml-hf", "imaml-gd-autograd", "imaml-gd-fused"])
+], ids=["maml", "imaml-hf-autograd", "imaml-hf-fused", "imaml-gd-autograd", "imaml-gd-fused"])
 @pytest.mark.parametrize("name", SMALL)
 def test_meta_gradients_through_the_folded_layer_equal_the_native_network(name, algorithm, inner, options):
     folded, native = twins(SMALL[name][0])
