@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     tmp.replace(table)
     print(f"{relative}: {row['test_accuracy']:.2f}% ± {row['ci95']:.2f} on {row['episodes']} test episodes, "
-          f"{row['queries']} queries per class; row written to {table}")
+          f"{row['queries']} quer{'y' if row['queries'] == 1 else 'ies'} per class; row written to {table}")
 
 
 if __name__ == "__main__":
