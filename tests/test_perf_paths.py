@@ -139,6 +139,10 @@ def test_fused_gradient_and_hvp_equal_autograd(name, kind):
     expected = vmap(lambda p, v, x, y: jvp(lambda q: grad(model.loss)(q, x, y), (p,), (v,))[1])(params, vector, x, y)
     for _ in range(2):  # the cached linearisation must serve any number of products
         assert relative_error(fused.from_internal(hessian(fused.to_internal(vector))), expected) < 1e-9
+        # Newton-CG's line search runs forward passes in the batch's scratch memory between products.
+        other = fused.to_internal(perturbed(model.parameters(), 3, 0.3, 6))
+        torch.testing.assert_close(fused.outputs(other, batch), fused.outputs(other, fused.prepare(x)),
+                                   rtol=0, atol=0)
     torch.testing.assert_close(fused.outputs(fused.to_internal(params), fused.prepare(x)),
                                vmap(model.outputs)(params, x), **TIGHT)
 

@@ -184,6 +184,7 @@ class NewtonCG:
             for step in LINE_SEARCH_STEPS:
                 candidate = tree.add(phi, direction, step) if step else phi
                 values.append(objective(candidate, loss(candidate) if step else losses))
+            del hessian  # its cache is as large as the next linearisation's: not both at once
             steps = torch.tensor(LINE_SEARCH_STEPS, dtype=losses.dtype, device=losses.device)
             phi = tree.add(phi, direction, steps[torch.stack(values).argmin(0)])
         return phi

@@ -176,7 +176,9 @@ class FusedConvNet:
 
     def outputs_gradient_and_hessian(self, params: Params, batch: Batch) -> tuple[
             torch.Tensor, Params, Callable[[Params], Params]]:
-        """``outputs_and_hessian`` and the per-task loss gradients, which its backward pass yields."""
+        """``outputs_and_hessian`` and the per-task loss gradients, which its backward pass yields.
+
+        The gradients share memory with what the products read: do not update them in place."""
         logits, cache = self._forward(params, batch)
         d_logits = self._loss_derivative(logits, batch, cache)
         grads = self._backward(params, batch, d_logits, cache, keep=True)
