@@ -38,6 +38,11 @@ def _choice(*options) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in options), "one of " + ", ".join(map(str, options))
 
 
+def _auto_or_int(minimum: int) -> tuple[Callable[[Any], bool], str]:
+    check, accepted = _int(minimum)
+    return (lambda v: v == "auto" or check(v)), f"auto or {accepted}"
+
+
 def _bool() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, bool)), "true or false"
 
@@ -120,6 +125,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "perf.fused": _bool(),
     "perf.hvp": _choice("forward_over_reverse", "reverse_over_reverse"),
     "perf.precision": _choice("ieee", "bf16", "tf32"),
+    "perf.task_groups": _auto_or_int(1),
 }
 
 # Keys that only some choices have: required with that choice, unknown without it. A custom

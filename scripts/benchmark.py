@@ -26,6 +26,7 @@ inner-step scaling plot (``--plot``, needs matplotlib: ``pip install imaml[plot]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -66,7 +67,8 @@ LEVERS = [
     ("vmap + native conv (the plain path)", dict(conv_impl="native", fused=False, hvp_mode="forward_over_reverse")),
     ("+ conv_impl=im2col", dict(fused=False, hvp_mode="forward_over_reverse")),
     ("+ hvp_mode=reverse_over_reverse (cached)", dict(fused=False, hvp_mode="reverse_over_reverse")),
-    ("+ fused=True (default)", dict()),
+    ("+ fused=True", dict(task_groups=1)),
+    ("+ task_groups=auto (default)", dict()),
     ("+ precision=bf16 (not default)", dict(precision="bf16")),
     ("fused, plain GD inner steps (inner_solver.backtrack=false)", dict(backtrack=False)),
 ]
@@ -119,6 +121,8 @@ def make_learner(case: dict, method: str, options: dict, device, dtype=None):
         # iMAML-GD's default inner loop is the monotone (backtracking) one; the others take plain steps.
         inner = GradientDescent(case["steps"], case["lr"], options.pop("backtrack", method == "imaml-gd"))
     algorithm = {"imaml-gd": "imaml", "imaml-hf": "imaml"}.get(method, method)
+    # perf.task_groups=auto, as the app resolves it.
+    options.setdefault("task_groups", torch.get_num_threads() if torch.device(device).type == "cpu" else 1)
     return MetaLearner(TaskModel(network, kind), algorithm, inner, lam=case["lam"], cg_steps=options.pop("cg_steps", 5),
                        **options)
 
@@ -179,8 +183,10 @@ def run_worker(spec: dict) -> dict:
             break
     # Below 1, the machine's other work took cores from this case while it was being timed.
     utilization = sum(cpu) / (sum(times) * torch.get_num_threads())
-    with flop_counter() as counter:  # after the timing: counting slows the step down
-        learner.meta_gradient(theta, tasks)
+    # After the timing (counting slows the step down), and in one group: the counter sees only
+    # the ops of the thread that entered it.
+    with flop_counter() as counter:
+        dataclasses.replace(learner, task_groups=1).meta_gradient(theta, tasks)
     result = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
               "cpu_utilization": utilization, "flops": counter.get_total_flops(),
               "tasks_per_s": case["tasks"] / statistics.median(times), "base_rss_bytes": base_rss,

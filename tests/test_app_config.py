@@ -67,6 +67,8 @@ def test_data_root_defaults_to_the_environment_variable(monkeypatch, tmp_path):
     ("algorithm=maml inner_solver=hf", "algorithm=maml adapts by gradient descent; use inner_solver=gd"),
     ("dataset=miniimagenet", "model=omniglot_conv is built for omniglot inputs but dataset=miniimagenet"),
     ("perf.precision=fp8", "perf.precision='fp8' is invalid: expected one of ieee, bf16, tf32"),
+    ("perf.task_groups=0", "perf.task_groups=0 is invalid: expected auto or an integer >= 1"),
+    ("perf.task_groups=many", "perf.task_groups='many' is invalid: expected auto or an integer >= 1"),
     ("model.conv_impl=winograd", "model.conv_impl='winograd' is invalid"),
     ("model.conv_impl=native", "perf.hvp=reverse_over_reverse cannot run with model.conv_impl=native"),
 ])
@@ -92,3 +94,15 @@ def test_precision_must_exist_on_the_device():
         build_learner(config, build_network(config, torch.device("cpu")), torch.device("cpu"))
     config = validate(compose(["experiment=sinusoid", "perf.precision=bf16"]))
     assert build_learner(config, build_network(config, torch.device("cpu")), torch.device("cpu")).precision == "bf16"
+
+
+def test_task_groups_auto_is_one_per_cpu_thread():
+    import torch
+
+    from imaml_cli.engine.components import build_learner, build_network
+
+    cpu = torch.device("cpu")
+    config = validate(compose(["experiment=sinusoid"]))
+    assert build_learner(config, build_network(config, cpu), cpu).task_groups == torch.get_num_threads()
+    config = validate(compose(["experiment=sinusoid", "perf.task_groups=3"]))
+    assert build_learner(config, build_network(config, cpu), cpu).task_groups == 3

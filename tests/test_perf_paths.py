@@ -8,6 +8,7 @@ term changes the result at order 1e-2 or more). The bfloat16 products are checke
 bound derived from bfloat16's precision instead.
 """
 
+import threading
 from contextlib import ExitStack, contextmanager
 from unittest import mock
 
@@ -23,6 +24,7 @@ from imaml_cli.meta.cg import conjugate_gradient
 from imaml_cli.meta.hvp import hessian_operator
 from imaml_cli.meta.inner import LINE_SEARCH_STEPS, GradientDescent, NewtonCG
 from imaml_cli.meta.precision import matmul_precision
+from imaml_cli.meta.task_groups import group_count, run_groups
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.models import ConvNet, build_model
 from imaml_cli.models.fused import FusedConvNet
@@ -195,6 +197,68 @@ def test_meta_gradient_fast_paths_equal_the_per_task_loop(algorithm, inner, name
     assert relative_error(phi, reference_phi) < 1e-9
     # φ moved: the comparison above is not between two copies of θ.
     assert relative_error(phi, {k: v.expand_as(phi[k]) for k, v in theta.items()}) > 1e-3
+
+
+@pytest.mark.parametrize("algorithm, inner", [("imaml", GradientDescent(3, 0.2, backtrack=True)),
+                                              ("imaml", NewtonCG(2, 3)), ("fomaml", GradientDescent(2, 0.2))])
+def test_task_groups_give_each_task_the_result_of_one_batch(algorithm, inner):
+    """17 tasks in 2 groups (9 and 8) on two threads: the same meta-gradient, per-task metrics and
+    φ as one batch, in the tasks' order."""
+    model = TaskModel(make_net("stride"), "classification")
+    theta = {k: v[0] for k, v in perturbed(model.parameters(), 1, 0.3, 1).items()}
+    tasks = tasks_for("stride", tasks=17)
+    kwargs = dict(algorithm=algorithm, inner=inner, lam=2.0, cg_steps=3)
+    reference, reference_metrics = MetaLearner(model, **kwargs).meta_gradient(theta, tasks)
+    reference_phi, _ = MetaLearner(model, **kwargs).adapt(theta, tasks)
+    grouped = MetaLearner(model, task_groups=2, **kwargs)
+    seen = []
+    per_group = MetaLearner._per_task_meta_gradients
+
+    def spy(self, theta, group):
+        seen.append((threading.current_thread().name, len(group.support_x), torch.get_num_threads()))
+        return per_group(self, theta, group)
+
+    threads = torch.get_num_threads()
+    with mock.patch.object(MetaLearner, "_per_task_meta_gradients", autospec=True, side_effect=spy):
+        grads, metrics = grouped.meta_gradient(theta, tasks)
+    assert sorted(size for _, size, _ in seen) == [8, 9] and len({name for name, _, _ in seen}) == 2, seen
+    assert all(count == max(1, threads // 2) for _, _, count in seen) and torch.get_num_threads() == threads
+    assert relative_error(grads, reference) < 1e-9
+    assert metrics.keys() == reference_metrics.keys()
+    for k in reference_metrics:
+        torch.testing.assert_close(metrics[k], reference_metrics[k], **TIGHT)
+    phi, _ = grouped.adapt(theta, tasks)
+    assert relative_error(phi, reference_phi) < 1e-9
+    # Tasks differ, so a shuffled order would fail the per-task comparisons above.
+    assert not torch.allclose(reference_metrics["post_query_loss"][:9], reference_metrics["post_query_loss"][8:])
+
+
+@pytest.mark.parametrize("algorithm, options", [("maml", {}), ("imaml", dict(fused=False))])
+def test_vmap_paths_take_the_tasks_as_one_batch(algorithm, options):
+    model = TaskModel(make_net("stride"), "classification")
+    learner = MetaLearner(model, algorithm, GradientDescent(2, 0.2), lam=2.0, cg_steps=3, task_groups=2, **options)
+    with mock.patch("imaml_cli.meta.algorithms.run_groups", side_effect=lambda fn, tasks, groups: [fn(tasks)]) as run:
+        learner.meta_gradient(model.parameters(), tasks_for("stride", tasks=17))
+    assert run.call_args.args[2] == 1
+
+
+def test_a_failing_group_raises_and_leaves_the_thread_count_as_it_was():
+    threads = torch.get_num_threads()
+
+    def fail_on_second(group):
+        if group.support_x[0, 0, 0, 0, 0] == 8:
+            raise RuntimeError("group 2 failed")
+        return group
+
+    tasks = TaskBatch(*(torch.arange(16.0).view(16, 1, 1, 1, 1),) * 4)
+    with pytest.raises(RuntimeError, match="group 2 failed"):
+        run_groups(fail_on_second, tasks, 2)
+    assert torch.get_num_threads() == threads
+
+
+def test_groups_hold_at_least_eight_tasks():
+    assert [group_count(tasks, 4) for tasks in (7, 8, 16, 17, 31, 32, 64)] == [1, 1, 2, 2, 3, 4, 4]
+    assert group_count(64, 1) == 1
 
 
 FUSED_PASSES = ("outputs_and_gradient", "outputs_and_hessian", "outputs_gradient_and_hessian", "outputs")

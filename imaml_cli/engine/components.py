@@ -45,6 +45,9 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
         raise UserError(f"perf.precision={perf['precision']} is not available on {device.type}; "
                         f"use one of {', '.join(SUPPORTED.get(device.type, ('ieee',)))}")
     hvp = perf["hvp"]
+    task_groups = perf["task_groups"]
+    if task_groups == "auto":
+        task_groups = torch.get_num_threads() if device.type == "cpu" else 1
     if inner_cfg["name"] == "gd":
         # MAML, FOMAML and Reptile take their papers' plain steps (MAML differentiates through them).
         backtrack = inner_cfg["backtrack"] and config["algorithm"]["name"] == "imaml"
@@ -62,7 +65,7 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
                        # The hand-written passes are for the built-in conv nets; a custom network (even a
                        # ConvNet subclass with its own forward) runs through vmap.
                        vectorize=perf["vectorize"], fused=perf["fused"] and not custom,
-                       precision=perf["precision"])
+                       precision=perf["precision"], task_groups=task_groups)
 
 
 def build_optimizer(config: dict, parameters) -> torch.optim.Optimizer:

@@ -26,6 +26,7 @@ from imaml_cli.meta.cg import SOLVERS, conjugate_gradient, neumann_series
 from imaml_cli.meta.hvp import HVP_MODES, hessian_operator
 from imaml_cli.meta.inner import GradientDescent, InnerSolver, NewtonCG
 from imaml_cli.meta.precision import check_precision, matmul_precision
+from imaml_cli.meta.task_groups import group_count, run_groups
 from imaml_cli.meta.task import TaskModel
 from imaml_cli.meta.tree import Params
 
@@ -60,6 +61,8 @@ class MetaLearner:
       (``meta/precision.py``): ``ieee``, ``bf16`` (CPU) or ``tf32`` (CUDA). Not ``ieee`` changes
       the result: on Omniglot the meta-gradient after 16 inner steps moves far more than bf16's
       rounding (BENCHMARKS.md), so ``ieee`` is the default.
+    - ``task_groups``: split a batch of tasks into up to this many groups that run on concurrent
+      threads (``meta/task_groups.py``); the same result up to the order of the sums over tasks.
     """
 
     model: TaskModel
@@ -75,6 +78,7 @@ class MetaLearner:
     vectorize: bool = True
     fused: bool = True
     precision: str = "ieee"
+    task_groups: int = 1
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -88,6 +92,8 @@ class MetaLearner:
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {self.hvp_mode!r}; expected one of {HVP_MODES}")
         check_precision(self.precision)
+        if self.task_groups < 1:
+            raise ValueError(f"task_groups must be >= 1, got {self.task_groups}")
         autograd_modes = set()
         if self._fused_model() is None:
             autograd_modes.add(getattr(self.inner, "hvp_mode", None))
@@ -107,26 +113,45 @@ class MetaLearner:
     def adapt(self, theta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, torch.Tensor]]:
         """Adapted parameters per task ``[T, ...]`` and per-task metrics, without a meta-gradient."""
         theta = tree.detach(theta)
-        with self._precision(theta):
-            phi = self._adapt(theta, tasks.support_x, tasks.support_y)
-            return phi, self.metrics(theta, phi, tasks)
+
+        def adapt_group(group: TaskBatch):
+            phi = self._adapt(theta, group.support_x, group.support_y)
+            return phi, self.metrics(theta, phi, group)
+
+        return self._in_groups(adapt_group, theta, tasks, self._fused_model() is not None)
 
     def meta_gradient(self, theta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, torch.Tensor]]:
         """The meta-gradient averaged over tasks, with θ's structure, and per-task metrics ``[T]``."""
         theta = tree.detach(theta)
-        fused = self._fused_model()
-        with self._precision(theta):
-            if self.algorithm == "maml":
-                grads, phi, extra = self._map(lambda *data: self._maml(theta, *data), *tasks)
-            elif fused is not None:
-                grads, metrics = self._fused_meta_gradient(fused, theta, tasks)
-                return {k: v.mean(0) for k, v in grads.items()}, metrics
-            else:
-                phi = self._adapt(theta, tasks.support_x, tasks.support_y)
-                grads, extra = self._outer_gradients(theta, phi, tasks)
-            metrics = self.metrics(theta, phi, tasks)
-        metrics.update(extra)
+        fused = self._fused_model() is not None and self.algorithm != "maml"
+        grads, metrics = self._in_groups(lambda group: self._per_task_meta_gradients(theta, group), theta, tasks,
+                                         fused)
         return {k: v.mean(0) for k, v in grads.items()}, metrics
+
+    def _in_groups(self, fn: Callable, theta: Params, tasks: TaskBatch, fused: bool):
+        """``fn`` (a batch of tasks ↦ per-task results) on the groups of ``tasks``, its results
+        joined along the task dimension. Only ``fused`` work runs in groups: vmap's transforms
+        are not safe on concurrent threads. The precision is set here, once for all the threads."""
+        groups = group_count(len(tasks.support_x), self.task_groups) if fused else 1
+        with self._precision(theta):
+            parts = run_groups(fn, tasks, groups)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.utils._pytree.tree_map(lambda *xs: torch.cat(xs), *parts)
+
+    def _per_task_meta_gradients(self, theta: Params, tasks: TaskBatch):
+        """The meta-gradient of each task ``[T, ...]`` and the per-task metrics."""
+        fused = self._fused_model()
+        if self.algorithm == "maml":
+            grads, phi, extra = self._map(lambda *data: self._maml(theta, *data), *tasks)
+        elif fused is not None:
+            return self._fused_meta_gradient(fused, theta, tasks)
+        else:
+            phi = self._adapt(theta, tasks.support_x, tasks.support_y)
+            grads, extra = self._outer_gradients(theta, phi, tasks)
+        metrics = self.metrics(theta, phi, tasks)
+        metrics.update(extra)
+        return grads, metrics
 
     def metrics(self, theta: Params, phi: Params, tasks: TaskBatch) -> dict[str, torch.Tensor]:
         """Loss (and accuracy) on support and query sets before (θ) and after (φ) adaptation."""
@@ -152,20 +177,16 @@ class MetaLearner:
         """``metrics`` from the outputs of the fused network; ``known`` holds outputs (named
         stage_split) that the meta-step already computed."""
         params = {"pre": {k: v.expand(len(tasks.support_x), *v.shape) for k, v in theta.items()}, "post": phi}
-        outputs = {}
-        for stage in ("pre", "post"):
-            for split, batch in (("support", support), ("query", query)):
-                name = f"{stage}_{split}"
-                outputs[name] = known[name] if name in known else fused.outputs(params[stage], batch)
-        return self._map(self._metrics_of_outputs, outputs, tasks.support_y, tasks.query_y)
-
-    def _metrics_of_outputs(self, outputs, ys, yq):
         metrics = {}
-        for name, out in outputs.items():
-            loss, accuracy = self.model.loss_and_accuracy_of_outputs(out, ys if name.endswith("support") else yq)
-            metrics[f"{name}_loss"] = loss
-            if accuracy is not None:
-                metrics[f"{name}_accuracy"] = accuracy
+        # Batched rather than vmapped: the fused path runs in task groups on concurrent threads,
+        # which vmap does not allow.
+        for stage in ("pre", "post"):
+            for split, batch, y in (("support", support, tasks.support_y), ("query", query, tasks.query_y)):
+                name = f"{stage}_{split}"
+                out = known[name] if name in known else fused.outputs(params[stage], batch)
+                metrics[f"{name}_loss"] = self.model.batched_loss_of_outputs(out, y)
+                if self.model.kind == "classification":
+                    metrics[f"{name}_accuracy"] = self.model.batched_accuracy_of_outputs(out, y)
         return metrics
 
     def _precision(self, theta: Params):

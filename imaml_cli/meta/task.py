@@ -54,6 +54,10 @@ class TaskModel:
             return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
         return (out - y).square().flatten(1).mean(1)
 
+    def batched_accuracy_of_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The accuracy per task for class scores ``[T, n, classes]`` (classification only)."""
+        return (out.argmax(-1) == y).to(out.dtype).mean(1)
+
     def loss_of_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classification":
             return F.cross_entropy(out, y)
