@@ -298,6 +298,37 @@ def test_fused_true_runs_the_hand_written_passes(algorithm, inner, gradients, he
     assert calls["outputs_and_gradient"] == inner.steps, calls
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_newton_direction_leaves_phi_where_it_was(fused):
+    """CG overflowing for one task (fused: task 0; per-task under vmap: every task) must not make
+    φ NaN: the line search's step 0 keeps φ, and the other tasks adapt as before."""
+    import imaml_cli.meta.inner as inner_module
+
+    model = TaskModel(make_net("stride"), "classification")
+    theta = {k: v[0] for k, v in perturbed(model.parameters(), 1, 0.3, 1).items()}
+    tasks = tasks_for("stride")
+    learner = MetaLearner(model, "imaml", NewtonCG(2, 3), lam=2.0, fused=fused)
+    reference, _ = learner.adapt(theta, tasks)
+    real = inner_module.conjugate_gradient
+
+    def overflowing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if kwargs.get("batch_dims") == 1:
+            solution = {k: v.clone().index_fill_(0, torch.tensor([0]), float("nan")) for k, v in result.solution.items()}
+        else:
+            solution = {k: torch.full_like(v, float("nan")) for k, v in result.solution.items()}
+        return result._replace(solution=solution)
+
+    with mock.patch.object(inner_module, "conjugate_gradient", side_effect=overflowing):
+        phi, _ = learner.adapt(theta, tasks)
+    assert all(torch.isfinite(v).all() for v in phi.values())
+    stuck = range(1) if fused else range(len(tasks.support_x))
+    for t in stuck:
+        assert all(torch.equal(phi[k][t], theta[k]) for k in theta)
+    if fused:
+        assert relative_error({k: v[1:] for k, v in phi.items()}, {k: v[1:] for k, v in reference.items()}) < 1e-9
+
+
 def test_fused_newton_cg_linearises_once_per_iteration():
     """Each Newton iteration: one linearisation (its gradient and every CG product), one forward
     pass per nonzero line-search step; then the query gradient and CG's linearisation."""

@@ -20,8 +20,14 @@ from imaml_cli.meta.tree import Params
 Loss = Callable[[Params], torch.Tensor]
 
 # Step sizes the HF line search tries along the Newton direction, all at once. Zero is among them,
-# so an iteration never increases the proximal objective.
+# so an iteration never increases the proximal objective, and a direction that is not finite (an
+# overflow in CG) leaves φ where it was.
 LINE_SEARCH_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+
+
+def _best_step(values: torch.Tensor) -> torch.Tensor:
+    """The index of the lowest objective along the first dimension; a NaN never wins."""
+    return torch.nan_to_num(values, nan=float("inf")).argmin(0)
 
 
 def proximal(loss: Loss, theta: Params, lam: float) -> Loss:
@@ -152,9 +158,9 @@ class NewtonCG:
             g = grad(objective)(phi)
             direction = conjugate_gradient(hessian_operator(objective, phi, self.hvp_mode), tree.scale(g, -1.0),
                                            self.cg_steps, stop_at_negative_curvature=True).solution
-            candidates = [tree.add(phi, direction, step) for step in LINE_SEARCH_STEPS]
+            candidates = [tree.add(phi, direction, step) if step else phi for step in LINE_SEARCH_STEPS]
             values = torch.stack([objective(c) for c in candidates])
-            best = values.argmin()
+            best = _best_step(values)
             phi = {k: torch.stack([c[k] for c in candidates])[best] for k in phi}
         return phi
 
@@ -186,7 +192,9 @@ class NewtonCG:
                 values.append(objective(candidate, loss(candidate) if step else losses))
             del hessian  # its cache is as large as the next linearisation's: not both at once
             steps = torch.tensor(LINE_SEARCH_STEPS, dtype=losses.dtype, device=losses.device)
-            phi = tree.add(phi, direction, steps[torch.stack(values).argmin(0)])
+            step = steps[_best_step(torch.stack(values))]
+            # Not φ + 0·d where the step is 0: 0·NaN is NaN.
+            phi = tree.where(step != 0, tree.add(phi, direction, step), phi)
         return phi
 
 
