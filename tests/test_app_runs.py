@@ -120,6 +120,9 @@ def test_a_run_directory_with_other_settings_is_refused(tmp_path):
     train(compose(QUICK), tmp_path)
     with pytest.raises(UserError, match=r"holds a run with other settings \(algorithm.lam\)"):
         train(compose(QUICK + ["algorithm.lam=0.5"]), tmp_path)
+    # A speed-only setting may change between sittings: the run continues.
+    train(compose(QUICK + ["train.meta_steps=5", "perf.task_groups=1"]), tmp_path)
+    assert final_state(tmp_path)["step"] == 5
 
 
 def test_checkpoints_load_with_plain_weights_only_torch_load(tmp_path):

@@ -45,9 +45,10 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
         raise UserError(f"perf.precision={perf['precision']} is not available on {device.type}; "
                         f"use one of {', '.join(SUPPORTED.get(device.type, ('ieee',)))}")
     hvp = perf["hvp"]
-    task_groups = perf["task_groups"]
+    # Groups share a CPU's cores; on a GPU one batch keeps the device busy.
+    task_groups = 1 if device.type != "cpu" else perf["task_groups"]
     if task_groups == "auto":
-        task_groups = torch.get_num_threads() if device.type == "cpu" else 1
+        task_groups = torch.get_num_threads()
     if inner_cfg["name"] == "gd":
         # MAML, FOMAML and Reptile take their papers' plain steps (MAML differentiates through them).
         backtrack = inner_cfg["backtrack"] and config["algorithm"]["name"] == "imaml"

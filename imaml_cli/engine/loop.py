@@ -29,7 +29,7 @@ log = logging.getLogger("imaml")
 # inner_solver.steps, which is compared itself.
 RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
                      "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.split", "eval.batch_size",
-                     "inner_steps.gd", "inner_steps.hf")
+                     "inner_steps.gd", "inner_steps.hf", "perf.task_groups")
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
 

@@ -62,7 +62,7 @@ class MetaLearner:
       the result: on Omniglot the meta-gradient after 16 inner steps moves far more than bf16's
       rounding (BENCHMARKS.md), so ``ieee`` is the default.
     - ``task_groups``: split a batch of tasks into up to this many groups that run on concurrent
-      threads (``meta/task_groups.py``); the same result up to the order of the sums over tasks.
+      threads (``meta/task_groups.py``); the same result up to rounding.
     """
 
     model: TaskModel

@@ -5,12 +5,14 @@ split across torch's intra-op threads, or whole groups of tasks at once, each on
 Matrix products split well either way, but the many elementwise passes between them are small
 enough that an op spread over threads spends much of its time synchronising. Groups run every
 op of a task on one thread from start to end, with nothing shared until the results are combined.
-On the 2-core machine of BENCHMARKS.md an iMAML-GD meta-step of 32 tasks ran about 10% faster as
-two groups of 16 than as one batch on 2 intra-op threads; groups of 4 tasks were slower than
-either (each op too small), hence ``MIN_GROUP``.
+On the 2-core machine of BENCHMARKS.md an iMAML-GD meta-step of 32 tasks ran 5-10% faster as two
+groups of 16 than as one batch on 2 intra-op threads (iMAML-HF: 15%); groups of 4 tasks were
+slower than either (each op too small), hence ``MIN_GROUP``. Tuned there only: on many cores
+``auto`` gives each group several intra-op threads, which was not measured.
 
-Every task's computation is the same whichever group it is in; only the order of the sums over
-tasks changes, by rounding. Only the hand-written passes (``models/fused.py``) run in groups:
+Every task's computation is the same whichever group it is in, up to rounding that depends on how
+many threads run its ops (which a discrete choice, such as a backtracking step accepted or not,
+can turn into a different step). Only the hand-written passes (``models/fused.py``) run in groups:
 ``torch.func.vmap`` is not safe on concurrent threads (two vmaps at once mix up their batch
 sizes), so the vmap paths always take a meta-batch as one batch.
 """
@@ -50,8 +52,8 @@ def run_groups(fn: Callable[[TaskBatch], Result], tasks: TaskBatch, groups: int)
     per_group = max(1, saved // len(parts))
 
     def work(part: TaskBatch) -> Result:
-        # OpenMP's thread count belongs to the calling thread; MKL's is process-wide and is put
-        # back below, once every group is done.
+        # OpenMP's and MKL's thread counts belong to the calling thread, but torch also keeps the
+        # last count process-wide (threads started meanwhile inherit it): put back below.
         torch.set_num_threads(per_group)
         return fn(part)
 
