@@ -1,12 +1,17 @@
 """How well each inner solver solves iMAML's inner problem at a checkpoint's θ: the proximal
 objective L̂(φ) + λ/2‖φ − θ‖², its gradient norm at φ (0 at the exact minimiser the implicit gradient
 assumes), the post-adaptation query accuracy, and the time, for GD and for Newton-CG (HF) at
-several step counts, on the same meta-batch of training tasks.
+several step counts, on the same meta-batch of training tasks. Then what the meta-gradient sees at
+each φ: the largest Hessian eigenvalue of the support loss (by magnitude, 30 power iterations per
+task), the outer CG's relative residual, and the cosine between each solver's meta-gradient and
+the first solver's.
 
     python scripts/inner_solver_convergence.py ~/imaml-runs/5w1s_imaml_gd/checkpoints/last.pt \
         --root ../shared/data/omniglot --gd 16 --hf 1 2 3 5 8
 
-It chose the presets' `inner_steps.hf` (README, configuration).
+It chose the presets' `inner_steps.hf` (README, configuration). ``--init`` takes θ at the
+initialisation the checkpoint's config draws (its ``train.seed``) instead of the checkpoint's
+parameters: where the iMAML-HF run went astray (README, Results).
 """
 
 import argparse
@@ -23,6 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gd", type=int, nargs="+", default=[16], help="GD step counts")
     parser.add_argument("--hf", type=int, nargs="+", default=[1, 2, 3, 5, 8], help="Newton iteration counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", action="store_true", help="θ at initialisation, not the checkpoint's")
     args = parser.parse_args(argv)
 
     import torch
@@ -35,6 +41,7 @@ def main(argv=None) -> None:
     from imaml_cli.engine.checkpoint import load_checkpoint, load_params
     from imaml_cli.engine.evaluation_run import apply_overrides
     from imaml_cli.meta import tree
+    from imaml_cli.meta.hvp import hessian_operator
     from imaml_cli.meta.inner import GradientDescent, NewtonCG, proximal
 
     state = load_checkpoint(args.checkpoint)
@@ -47,7 +54,8 @@ def main(argv=None) -> None:
     config = validate(stored)
     device = torch.device("cpu")
     network = components.build_network(config, device)
-    load_params(network, state, args.checkpoint)
+    if not args.init:
+        load_params(network, state, args.checkpoint)
     learner = components.build_learner(config, network, device)
     theta = {k: v.detach() for k, v in network.named_parameters()}
     source = components.build_source(config, "train", device)
@@ -62,13 +70,29 @@ def main(argv=None) -> None:
 
         return vmap(one)(phi, tasks.support_x, tasks.support_y)
 
+    def top_eigenvalue(phi):
+        def one(phi_task, xs, ys):
+            hessian = hessian_operator(lambda p: model.loss(p, xs, ys), phi_task, "forward_over_reverse")
+            v = {k: torch.ones_like(x) for k, x in phi_task.items()}
+            for _ in range(30):
+                v = tree.scale(v, 1.0 / torch.sqrt(tree.dot(v, v)))
+                hv = hessian(v)
+                rayleigh = tree.dot(v, hv)
+                v = hv
+            return rayleigh
+
+        return vmap(one)(phi, tasks.support_x, tasks.support_y)
+
     solvers = [(f"GD, {n} steps (lr {config['inner_solver']['lr']}, backtracking)",
                 GradientDescent(n, config["inner_solver"]["lr"], config["inner_solver"]["backtrack"])) for n in args.gd]
     solvers += [(f"HF, {n} Newton iterations x {config['inner_solver']['cg_steps']} CG",
                  NewtonCG(n, config["inner_solver"]["cg_steps"], config["perf"]["hvp"])) for n in args.hf]
-    print(f"{args.checkpoint} (meta-step {state['step']}), {args.tasks} training tasks, λ = {lam}")
-    print("| inner solver | proximal objective (median) | ‖gradient‖ at φ (median) | query accuracy | seconds |")
-    print("| --- | --- | --- | --- | --- |")
+    where = "its initialisation (train.seed)" if args.init else f"meta-step {state['step']}"
+    print(f"{args.checkpoint} at {where}, {args.tasks} training tasks, λ = {lam}")
+    print("| inner solver | proximal objective (median) | ‖gradient‖ at φ (median) | query accuracy | seconds "
+          "| top Hessian eigenvalue at φ (median, max) | outer CG residual (median) | cosine with the first |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    first = None
     for name, inner in solvers:
         learner_now = dataclasses.replace(learner, inner=inner)
         started = time.perf_counter()
@@ -76,7 +100,13 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - started
         value, norm = objective_and_gradient_norm(tree.detach(phi))
         accuracy = 100 * metrics["post_query_accuracy"].mean().item()
-        print(f"| {name} | {value.median().item():.4f} | {norm.median().item():.4f} | {accuracy:.1f}% | {seconds:.1f} |")
+        top = top_eigenvalue(tree.detach(phi)).abs()
+        meta_grad, meta_metrics = learner_now.meta_gradient(theta, tasks)
+        first = first or meta_grad
+        cosine = tree.dot(meta_grad, first) / (tree.norm(meta_grad) * tree.norm(first))
+        print(f"| {name} | {value.median().item():.4f} | {norm.median().item():.4f} | {accuracy:.1f}% | {seconds:.1f} "
+              f"| {top.median().item():.1f}, {top.max().item():.1f} | {meta_metrics['cg_residual'].median().item():.3f} "
+              f"| {cosine.item():.3f} |")
 
 
 if __name__ == "__main__":

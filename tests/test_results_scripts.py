@@ -2,6 +2,7 @@
 from it, and the README's table generated from pretrained/results.json."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -122,3 +123,17 @@ def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path):
                    f"hydra.run.dir={tmp_path / 'eval'}", cwd=REPO, timeout=900)
     assert done.returncode == 0, done.stderr
     assert float(re.search(r"test accuracy ([0-9.]+)%", done.stdout).group(1)) == row["test_accuracy"]
+
+
+@pytest.mark.parametrize("where", [[], ["--init"]])
+def test_the_inner_solver_diagnostics_run_on_a_checkpoint(published, where):
+    tmp, _, _ = published
+    done = script("inner_solver_convergence.py", tmp / "run" / "checkpoints" / "last.pt", "--tasks", "2",
+                  "--gd", "2", "--hf", "1", *where, cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| GD") or line.startswith("| HF")]
+    assert [row[0].split(",")[0].strip() for row in rows] == ["GD", "HF"]
+    assert ("initialisation" in done.stdout) == bool(where)
+    numbers = [float(x.strip().rstrip("%")) for row in rows for cell in row[1:] for x in cell.split(",")]
+    assert all(math.isfinite(x) for x in numbers)
+    assert float(rows[0][-1]) == 1.0  # the first solver's meta-gradient against itself
