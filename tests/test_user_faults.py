@@ -60,7 +60,7 @@ def start(args, cwd: Path, script=("imaml-train",)) -> subprocess.Popen:
 
 
 def training(run: Path) -> bool:
-    """The loop runs: TensorBoard's event file is made right before it."""
+    """The loop runs: TensorBoard's event file is made as it starts, once its stop handlers are in place."""
     return any(run.glob("tb/events.out.tfevents.*"))
 
 

@@ -93,6 +93,9 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path, co
             if config_record is not None:
                 used = OmegaConf.create({**config, "checkpoint": str(path.resolve())})
                 config_record.write_text(OmegaConf.to_yaml(used))
+        # No rank tears the process group down while another still uses it (gloo aborted a rank
+        # that way once, under load).
+        world.barrier()
         return result.mean
     finally:
         world.close()

@@ -217,10 +217,12 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         # No rank may exit before the file is whole: torchrun stops the others when one exits.
         world.barrier()
 
-    tb = TensorBoard(run_dir, step) if world.is_main else None
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
     try:
         with stop_on_signals() as (signals, handlers), logging_redirect_tqdm():
+            # Made once the stop handlers are in place: its event file tells a supervisor (and the
+            # tests) that a signal from now on ends in a checkpoint.
+            tb = TensorBoard(run_dir, step) if world.is_main else None
             while step < tcfg["meta_steps"]:
                 started = time.perf_counter()
                 batch, local, total = world.shard(train_source.sample(tcfg["meta_batch_size"], generator))
