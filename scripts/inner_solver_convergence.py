@@ -2,7 +2,7 @@
 objective L̂(φ) + λ/2‖φ − θ‖², its gradient norm at φ (0 at the exact minimiser the implicit gradient
 assumes), the post-adaptation query accuracy, and the time, for GD and for Newton-CG (HF) at
 several step counts, on the same meta-batch of training tasks. Then what the meta-gradient sees at
-each φ: the largest Hessian eigenvalue of the support loss (by magnitude, 30 power iterations per
+each φ: the largest Hessian eigenvalue of the support loss (by magnitude, by power iteration per
 task), the outer CG's relative residual, and the cosine between each solver's meta-gradient and
 the first solver's.
 
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hf", type=int, nargs="+", default=[1, 2, 3, 5, 8], help="Newton iteration counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", action="store_true", help="θ at initialisation, not the checkpoint's")
+    parser.add_argument("--power-iterations", type=int, default=30, help="for the top Hessian eigenvalue")
     args = parser.parse_args(argv)
 
     import torch
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
         def one(phi_task, xs, ys):
             hessian = hessian_operator(lambda p: model.loss(p, xs, ys), phi_task, "forward_over_reverse")
             v = {k: torch.ones_like(x) for k, x in phi_task.items()}
-            for _ in range(30):
+            for _ in range(args.power_iterations):
                 v = tree.scale(v, 1.0 / torch.sqrt(tree.dot(v, v)))
                 hv = hessian(v)
                 rayleigh = tree.dot(v, hv)

@@ -129,7 +129,7 @@ def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path):
 def test_the_inner_solver_diagnostics_run_on_a_checkpoint(published, where):
     tmp, _, _ = published
     done = script("inner_solver_convergence.py", tmp / "run" / "checkpoints" / "last.pt", "--tasks", "2",
-                  "--gd", "2", "--hf", "1", *where, cwd=tmp)
+                  "--gd", "2", "--hf", "1", "--power-iterations", "2", *where, cwd=tmp)
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| GD") or line.startswith("| HF")]
     assert [row[0].split(",")[0].strip() for row in rows] == ["GD", "HF"]
