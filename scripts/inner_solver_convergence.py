@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         accuracy = 100 * metrics["post_query_accuracy"].mean().item()
         top = top_eigenvalue(tree.detach(phi)).abs()
         meta_grad, meta_metrics = learner_now.meta_gradient(theta, tasks)
-        first = first or meta_grad
+        if first is None:
+            first = meta_grad
         cosine = tree.dot(meta_grad, first) / (tree.norm(meta_grad) * tree.norm(first))
         print(f"| {name} | {value.median().item():.4f} | {norm.median().item():.4f} | {accuracy:.1f}% | {seconds:.1f} "
               f"| {top.median().item():.1f}, {top.max().item():.1f} | {meta_metrics['cg_residual'].median().item():.3f} "

@@ -186,7 +186,7 @@ class MetaLearner:
                 out = known[name] if name in known else fused.outputs(params[stage], batch)
                 metrics[f"{name}_loss"] = self.model.batched_loss_of_outputs(out, y)
                 if self.model.kind == "classification":
-                    metrics[f"{name}_accuracy"] = self.model.batched_accuracy_of_outputs(out, y)
+                    metrics[f"{name}_accuracy"] = self.model.accuracy_of_outputs(out, y)
         return metrics
 
     def _precision(self, theta: Params):

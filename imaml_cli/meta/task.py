@@ -39,8 +39,13 @@ class TaskModel:
         return self.loss_and_accuracy_of_outputs(self.outputs(params, x), y)
 
     def loss_and_accuracy_of_outputs(self, out: torch.Tensor, y: torch.Tensor):
-        accuracy = (out.argmax(-1) == y).to(out.dtype).mean() if self.kind == "classification" else None
+        accuracy = self.accuracy_of_outputs(out, y) if self.kind == "classification" else None
         return self.loss_of_outputs(out, y), accuracy
+
+    @staticmethod
+    def accuracy_of_outputs(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The accuracy of class scores ``[..., n, classes]``: one task's, or ``[T]`` for a batch."""
+        return (out.argmax(-1) == y).to(out.dtype).mean(-1)
 
     @cached_property
     def fused(self) -> FusedConvNet | None:
@@ -53,10 +58,6 @@ class TaskModel:
         if self.kind == "classification":
             return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
         return (out - y).square().flatten(1).mean(1)
-
-    def batched_accuracy_of_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The accuracy per task for class scores ``[T, n, classes]`` (classification only)."""
-        return (out.argmax(-1) == y).to(out.dtype).mean(1)
 
     def loss_of_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classification":

@@ -158,7 +158,7 @@ class FusedConvNet:
             targets = F.one_hot(y, self.num_outputs).to(x.dtype)
         else:
             targets = y.to(x.dtype)
-        patches_t = torch.cat([patches.transpose(1, 2), patches.new_ones(t, 1, n * ho * wo)], 1).contiguous()
+        patches_t = torch.cat([patches.transpose(1, 2), patches.new_ones(t, 1, n * ho * wo)], 1)
         return Batch(patches_t, mean, covariance, targets, n, (ho, wo), _Workspace() if reuse else None)
 
     def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
