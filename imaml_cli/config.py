@@ -90,6 +90,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.name": _choice(*MODELS),
     "algorithm.name": _choice(*ALGORITHMS),
     "algorithm.lam": _number(0, inclusive=False),
+    "algorithm.alternate_query": _bool(),
     "inner_steps.gd": _int(1),
     "inner_steps.hf": _int(1),
     "inner_solver.name": _choice("gd", "hf"),

@@ -206,17 +206,34 @@ def test_batched_equals_per_task_loop(algorithm, inner):
         torch.testing.assert_close(batched_metrics[k], looped_metrics[k], rtol=1e-9, atol=1e-12)
 
 
-def test_reptile_and_fomaml_are_what_they_claim():
+def plain_steps(model, theta, batches, steps, lr):
+    """Gradient steps by hand, step i on batches[i % len(batches)]."""
+    phi = theta
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        phi = tree.add(phi, torch.func.grad(model.loss)(phi, x, y), -lr)
+    return phi
+
+
+@pytest.mark.parametrize("alternate_query", [True, False])
+def test_reptile_and_fomaml_are_what_they_claim(alternate_query):
     g = torch.Generator().manual_seed(4)
     model = TaskModel(smooth_classifier(), "classification")
     tasks = classification_tasks(2, 6, 3, 3, g)
     theta = model.parameters()
     inner = GradientDescent(5, 0.2)
-    phi, _ = MetaLearner(model, "reptile", inner).adapt(theta, tasks)
-    reptile, _ = MetaLearner(model, "reptile", inner).meta_gradient(theta, tasks)
-    fomaml, _ = MetaLearner(model, "fomaml", inner).meta_gradient(theta, tasks)
+    reptile, _ = MetaLearner(model, "reptile", inner, alternate_query=alternate_query).meta_gradient(theta, tasks)
+    fomaml, _ = MetaLearner(model, "fomaml", inner, alternate_query=alternate_query).meta_gradient(theta, tasks)
+    phi, _ = MetaLearner(model, "fomaml", inner).adapt(theta, tasks)
     for k in theta:
-        torch.testing.assert_close(reptile[k], theta[k] - phi[k].mean(0))
+        expected = sum(theta[k] - plain_steps(model, theta, [(xs, ys), (xq, yq)][:2 if alternate_query else 1],
+                                              5, 0.2)[k] for xs, ys, xq, yq in zip(*tasks)) / 2
+        torch.testing.assert_close(reptile[k], expected)
+    # Adaptation alone (evaluation) takes every step on the support set.
+    adapted, _ = MetaLearner(model, "reptile", inner, alternate_query=alternate_query).adapt(theta, tasks)
+    on_support = plain_steps(model, theta, [(tasks.support_x[1], tasks.support_y[1])], 5, 0.2)
+    for k in theta:
+        torch.testing.assert_close(adapted[k][1], on_support[k])
     query_grads = [torch.func.grad(model.loss)({k: v[t] for k, v in phi.items()}, tasks.query_x[t], tasks.query_y[t])
                    for t in range(2)]
     for k in theta:

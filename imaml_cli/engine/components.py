@@ -59,7 +59,8 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
     if custom and hvp == "reverse_over_reverse" and perf["vectorize"] and config["algorithm"]["name"] == "imaml":
         check_reverse_over_reverse(network, config["model"]["_target_"])
     return MetaLearner(TaskModel(network, task_kind(config)), config["algorithm"]["name"], inner,
-                       lam=config["algorithm"]["lam"], cg_steps=config["cg"]["steps"],
+                       lam=config["algorithm"]["lam"], alternate_query=config["algorithm"]["alternate_query"],
+                       cg_steps=config["cg"]["steps"],
                        cg_damping=config["cg"]["damping"],
                        cg_stop_at_negative_curvature=config["cg"]["stop_at_negative_curvature"],
                        cg_solver=config["cg"]["solver"], neumann_step_size=config["cg"]["step_size"], hvp_mode=hvp,

@@ -72,8 +72,9 @@ def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def _newer_keys(stored: dict, current: dict, prefix: str = "") -> dict:
-    """Settings added since the checkpoint was written, with this run's values. Their defaults keep
-    the old behaviour, so a resume may go on with them; it says so, in case one was set otherwise."""
+    """Settings added since the checkpoint was written, with this run's values. A resume goes on
+    with them and says so: most defaults keep the old behaviour, but not all (algorithm.alternate_query
+    changes Reptile's inner loop), and one may have been set otherwise."""
     found = {}
     for key, value in current.items():
         if key not in stored:

@@ -12,9 +12,15 @@ meta-gradient, about twice as fast on CPU (BENCHMARKS.md).
 - ``maml``: differentiate L_test(φ(θ)) through the inner GD steps (Finn et al. 2017).
 - ``fomaml``: ∇L_test(φ), MAML's first-order approximation.
 - ``reptile``: θ − φ, the Reptile update as a gradient for the outer optimizer (Nichol et al. 2018).
+  Reptile has no train/test split within a task, and its meta-learning signal comes from inner
+  steps on different minibatches (its paper's analysis: the inner products of gradients of
+  different minibatches); so during meta-training its inner steps take the support and the query
+  set in turn (``alternate_query``). Every step on the same batch leaves joint training plus a
+  gradient-norm penalty, which does not learn to adapt.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -44,6 +50,9 @@ class MetaLearner:
     directions of near-zero or negative curvature. ``cg_stop_at_negative_curvature`` (default)
     ends CG at the first direction with pᵀAp ≤ 0 and keeps the iterate so far (∇L_test itself if it
     is the first): the same answer as plain CG whenever the matrix is positive definite. ``vectorize=False`` processes the tasks in a Python loop, as a reference for the batched path.
+    ``alternate_query`` matters to Reptile only: its meta-training inner steps alternate between the
+    support and the query set (False: all on the support set). Adaptation alone (``adapt``, as in
+    evaluation) uses the support set only, for every algorithm.
     ``cg_solver="neumann"`` replaces CG by the truncated Neumann series with step size
     ``neumann_step_size`` and ``cg_steps`` terms (``meta/cg.py``); the negative-curvature stop is CG's only.
 
@@ -69,6 +78,7 @@ class MetaLearner:
     algorithm: str
     inner: InnerSolver
     lam: float = 1.0
+    alternate_query: bool = True
     cg_steps: int = 5
     cg_damping: float = 0.0
     cg_stop_at_negative_curvature: bool = True
@@ -115,7 +125,7 @@ class MetaLearner:
         theta = tree.detach(theta)
 
         def adapt_group(group: TaskBatch):
-            phi = self._adapt(theta, group.support_x, group.support_y)
+            phi = self._adapt(theta, [(group.support_x, group.support_y)])
             return phi, self.metrics(theta, phi, group)
 
         return self._in_groups(adapt_group, theta, tasks, self._fused_model() is not None)
@@ -147,7 +157,7 @@ class MetaLearner:
         elif fused is not None:
             return self._fused_meta_gradient(fused, theta, tasks)
         else:
-            phi = self._adapt(theta, tasks.support_x, tasks.support_y)
+            phi = self._adapt(theta, self._inner_loop_data(tasks))
             grads, extra = self._outer_gradients(theta, phi, tasks)
         metrics = self.metrics(theta, phi, tasks)
         metrics.update(extra)
@@ -198,21 +208,33 @@ class MetaLearner:
             return self.model.fused
         return None
 
-    def _adapt(self, theta: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
-        """φ per task ``[T, ...]``: the inner solver on each task's proximal support loss."""
+    @property
+    def _alternates(self) -> bool:
+        return self.algorithm == "reptile" and self.alternate_query
+
+    def _inner_loop_data(self, tasks: TaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(x, y)`` batches that meta-training's inner steps take in turn, the support set first."""
+        return [(tasks.support_x, tasks.support_y)] + ([(tasks.query_x, tasks.query_y)] if self._alternates else [])
+
+    def _adapt(self, theta: Params, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Params:
+        """φ per task ``[T, ...]``: the inner solver on each task's proximal loss, its steps on
+        ``batches`` in turn (the support set first)."""
         fused = self._fused_model()
         if fused is not None:
-            data = fused.prepare(support_x, support_y, reuse=True)
-            return fused.from_internal(self._fused_adapt(fused, fused.to_internal(theta), data, support_y, {}))
+            prepared = [(fused.prepare(x, y, reuse=True), y) for x, y in batches]
+            return fused.from_internal(self._fused_adapt(fused, fused.to_internal(theta), prepared, {}))
 
-        def one_task(xs, ys):
-            return self.inner(lambda p: self.model.loss(p, xs, ys), theta, self.inner_lam)
+        def one_task(*data):
+            losses = [partial(self.model.loss, x=x, y=y) for x, y in zip(data[::2], data[1::2])]
+            return self.inner(losses[0] if len(losses) == 1 else losses, theta, self.inner_lam)
 
-        return self._map(one_task, support_x, support_y)
+        return self._map(one_task, *(t for batch in batches for t in batch))
 
-    def _fused_adapt(self, fused, theta: Params, support, support_y: torch.Tensor, known: dict) -> Params:
-        """φ per task, in ``fused``'s layout, by the inner solver's batched form; the outputs at θ
-        go into ``known`` as pre_support."""
+    def _fused_adapt(self, fused, theta: Params, batches: list, known: dict) -> Params:
+        """φ per task, in ``fused``'s layout, by the inner solver's batched form, its steps on the
+        prepared ``(batch, y)`` pairs in turn; the outputs at θ on the first (the support set) go
+        into ``known`` as pre_support."""
+        support, support_y = batches[0]
         if isinstance(self.inner, NewtonCG):
             def linearise(params):
                 outputs, grads, hessian = fused.outputs_gradient_and_hessian(params, support)
@@ -224,12 +246,17 @@ class MetaLearner:
 
             return self.inner.batched(linearise, loss, theta, self.inner_lam, len(support_y))
 
-        def gradient(params):
-            grads, loss, outputs = self._fused_gradient_and_loss(fused, params, support, support_y)
-            known.setdefault("pre_support", outputs)
-            return grads, loss
+        def gradient_on(batch, targets, first: bool):
+            def gradient(params):
+                grads, loss, outputs = self._fused_gradient_and_loss(fused, params, batch, targets)
+                if first:
+                    known.setdefault("pre_support", outputs)
+                return grads, loss
 
-        return self.inner.batched(gradient, theta, self.inner_lam, len(support_y))
+            return gradient
+
+        gradients = [gradient_on(batch, targets, i == 0) for i, (batch, targets) in enumerate(batches)]
+        return self.inner.batched(gradients, theta, self.inner_lam, len(support_y))
 
     def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor):
         """The batched support-loss gradients and the losses ``[T]`` (what ``GradientDescent.batched``
@@ -271,14 +298,14 @@ class MetaLearner:
         """The per-task meta-gradients and the metrics, all tasks at once through ``fused``."""
         support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
         theta_i = fused.to_internal(theta)
+        query = fused.prepare(tasks.query_x, tasks.query_y, reuse=self._alternates)
         known = {}
-        phi = self._fused_adapt(fused, theta_i, support, tasks.support_y, known)
+        batches = [(support, tasks.support_y)] + ([(query, tasks.query_y)] if self._alternates else [])
+        phi = self._fused_adapt(fused, theta_i, batches, known)
         extra = {}
         if self.algorithm == "reptile":
-            query = fused.prepare(tasks.query_x)
             grads = tree.add({k: v.expand_as(phi[k]) for k, v in theta_i.items()}, phi, -1.0)
         else:
-            query = fused.prepare(tasks.query_x, tasks.query_y)
             known["post_query"], grads = fused.outputs_and_gradient(phi, query)
             if self.algorithm == "imaml":
                 known["post_support"], hessian = fused.outputs_and_hessian(phi, support)

@@ -6,6 +6,7 @@ a meta-batch. Everything is a pure function of its inputs, so MAML can different
 solver while iMAML never does.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +47,9 @@ def proximal(loss: Loss, theta: Params, lam: float) -> Loss:
 class GradientDescent:
     """``steps`` gradient steps of size ``lr`` on the proximal objective, starting from θ.
 
+    Given a sequence of losses, step i descends on the i-th modulo their number: Reptile's inner
+    loop takes its steps on different minibatches of a task.
+
     With ``backtrack``, the descent is monotone: ``steps`` gradient evaluations, and a step that
     raises the proximal objective is undone and that task's step size halved; the result is the
     lowest point evaluated. Plain GD at a fixed step size does not converge once the loss is sharper
@@ -59,12 +63,13 @@ class GradientDescent:
     lr: float
     backtrack: bool = False
 
-    def __call__(self, loss: Loss, theta: Params, lam: float) -> Params:
+    def __call__(self, loss: Loss | Sequence[Loss], theta: Params, lam: float) -> Params:
+        losses = self._cycle(loss)
         if self.backtrack:
-            return self._backtracking(proximal(loss, theta, lam), theta)
+            return self._backtracking(proximal(losses[0], theta, lam), theta)
         phi = theta
-        for _ in range(self.steps):
-            g = grad(loss)(phi)
+        for step in range(self.steps):
+            g = grad(losses[step % len(losses)])(phi)
             if lam == 0:
                 phi = tree.add(phi, g, -self.lr)
             else:
@@ -90,19 +95,26 @@ class GradientDescent:
             lr = torch.where(better, lr, lr / 2)
         return phi
 
-    def batched(self, gradient: Callable[[Params], tuple[Params, torch.Tensor]], theta: Params, lam: float,
-                tasks: int) -> Params:
+    def _cycle(self, loss) -> Sequence:
+        losses = tuple(loss) if isinstance(loss, Sequence) else (loss,)
+        if self.backtrack and len(losses) > 1:
+            raise ValueError("backtracking compares objective values, so it takes its steps on one loss")
+        return losses
+
+    def batched(self, gradient: Callable[[Params], tuple[Params, torch.Tensor]] | Sequence[Callable], theta: Params,
+                lam: float, tasks: int) -> Params:
         """The same steps for ``tasks`` tasks at once, from ``gradient``: φ ``[T, ...]`` ↦ the
-        batched loss gradients and the losses ``[T]``.
+        batched loss gradients and the losses ``[T]`` (or a sequence of such, taken in turn).
 
         Not differentiable (it updates in place); for algorithms that do not differentiate through
         the inner loop.
         """
+        gradients = self._cycle(gradient)
         phi = {k: v.expand(tasks, *v.shape).clone() for k, v in theta.items()}
         if self.backtrack:
-            return self._batched_backtracking(gradient, theta, lam, phi)
-        for _ in range(self.steps):
-            g = gradient(phi)[0]
+            return self._batched_backtracking(gradients[0], theta, lam, phi)
+        for step in range(self.steps):
+            g = gradients[step % len(gradients)](phi)[0]
             for k, v in phi.items():
                 if lam != 0:
                     v.lerp_(theta[k], self.lr * lam)
