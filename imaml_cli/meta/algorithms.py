@@ -157,7 +157,8 @@ class MetaLearner:
         elif fused is not None:
             return self._fused_meta_gradient(fused, theta, tasks)
         else:
-            phi = self._adapt(theta, self._inner_loop_data(tasks))
+            phi = self._adapt(theta, self._inner_loop_data((tasks.support_x, tasks.support_y),
+                                                           (tasks.query_x, tasks.query_y)))
             grads, extra = self._outer_gradients(theta, phi, tasks)
         metrics = self.metrics(theta, phi, tasks)
         metrics.update(extra)
@@ -212,9 +213,10 @@ class MetaLearner:
     def _alternates(self) -> bool:
         return self.algorithm == "reptile" and self.alternate_query
 
-    def _inner_loop_data(self, tasks: TaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The ``(x, y)`` batches that meta-training's inner steps take in turn, the support set first."""
-        return [(tasks.support_x, tasks.support_y)] + ([(tasks.query_x, tasks.query_y)] if self._alternates else [])
+    def _inner_loop_data(self, support: tuple, query: tuple) -> list[tuple]:
+        """The ``(x, y)`` batches that meta-training's inner steps take in turn, the support set first
+        (raw tensors or the fused network's prepared batches alike)."""
+        return [support, query] if self._alternates else [support]
 
     def _adapt(self, theta: Params, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Params:
         """φ per task ``[T, ...]``: the inner solver on each task's proximal loss, its steps on
@@ -298,10 +300,11 @@ class MetaLearner:
         """The per-task meta-gradients and the metrics, all tasks at once through ``fused``."""
         support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
         theta_i = fused.to_internal(theta)
+        # Scratch memory for the query's many passes only where the inner steps take it.
         query = fused.prepare(tasks.query_x, tasks.query_y, reuse=self._alternates)
         known = {}
-        batches = [(support, tasks.support_y)] + ([(query, tasks.query_y)] if self._alternates else [])
-        phi = self._fused_adapt(fused, theta_i, batches, known)
+        phi = self._fused_adapt(fused, theta_i, self._inner_loop_data((support, tasks.support_y),
+                                                                      (query, tasks.query_y)), known)
         extra = {}
         if self.algorithm == "reptile":
             grads = tree.add({k: v.expand_as(phi[k]) for k, v in theta_i.items()}, phi, -1.0)
