@@ -14,7 +14,7 @@ from imaml_cli.meta.tree import Params
 class EvalResult:
     metric: str              # "accuracy" (classification, in %) or "mse" (regression)
     mean: float
-    ci95: float              # half-width: 1.96 standard errors
+    ci95: float              # half-width: 1.96 standard errors of the mean (see evaluate)
     episodes: int
     split: str
     ways: int
@@ -40,6 +40,13 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
              split: str, shard: tuple[int, int] = (0, 1), gather=None) -> EvalResult:
     """Adapt θ to ``episodes`` fixed episodes of ``source`` (the same ones for the same seed).
 
+    Each episode is scored after adaptation (``post_query_*``): the query accuracy in % or the query
+    MSE. The result is their mean and a 95% confidence interval of the mean, 1.96·s/√n, where s is
+    the sample standard deviation (n − 1 in the denominator): the episodes are a random sample of
+    the task distribution whose spread is estimated from them, and dividing by n would understate
+    it. 1.96 is the normal quantile, as the papers report; at the usual 600 episodes Student's t
+    (1.964) differs in the third digit. One episode gives no estimate of the spread; its ci95 is 0.
+
     ``shard=(rank, world)`` keeps every world-th batch for this rank; ``gather`` combines the
     per-rank lists of scores in episode order, so several processes report what one would.
     """
@@ -55,7 +62,7 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
     if gather is not None:
         scores = gather(scores)
     values = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-    std = values.std().item() if len(values) > 1 else 0.0
+    std = values.std(correction=1).item() if len(values) > 1 else 0.0
     return EvalResult("accuracy" if classification else "mse", values.mean().item(),
                       1.96 * std / math.sqrt(max(len(values), 1)), len(values), split,
                       getattr(source, "ways", 1), source.shots, values.tolist(), source.queries)
