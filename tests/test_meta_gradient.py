@@ -5,7 +5,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from conftest import QUICK, compose
+from imaml_cli.config import validate
 from imaml_cli.data import TaskBatch
+from imaml_cli.engine import components
 from imaml_cli.meta import tree
 from imaml_cli.meta.algorithms import MetaLearner
 from imaml_cli.meta.inner import GradientDescent, NewtonCG, proximal
@@ -147,6 +150,43 @@ def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negati
     assert not torch.allclose(flatten(plain.meta_gradient(theta, tasks)[0]), expected, rtol=1e-3)
 
 
+@pytest.mark.parametrize("solver", [["cg.solver=cg", "cg.steps=60"],
+                                    ["cg.solver=neumann", "cg.steps=200", "cg.step_size=0.3"]], ids=["cg", "neumann"])
+def test_cg_damping_from_the_config_solves_the_damped_system(solver):
+    """cg.damping=δ makes the meta-gradient (I + H/λ + δI)⁻¹∇L_test(φ), H the support loss's Hessian
+    at φ: checked against a dense solve with the full Hessian, on the sinusoid MLP built from the
+    config (in float64, so that both solves are exact to rounding)."""
+    lam, damping = 10.0, 1.0
+    config = validate(compose(QUICK + [f"algorithm.lam={lam}", f"cg.damping={damping}", *solver]))
+    network = components.build_network(config, torch.device("cpu")).double()
+    learner = components.build_learner(config, network, torch.device("cpu"))
+    tasks = components.build_source(config, "train", torch.device("cpu")).sample(2, torch.Generator().manual_seed(0))
+    tasks = TaskBatch(*(t.double() for t in tasks))
+    theta = {k: v.detach() for k, v in network.named_parameters()}
+    model = learner.model
+
+    meta_grad, _ = learner.meta_gradient(theta, tasks)
+
+    phi, _ = learner.adapt(theta, tasks)
+    damped, undamped = 0.0, 0.0
+    for t in range(2):
+        phi_t = {k: v[t] for k, v in phi.items()}
+        hessian = torch.func.hessian(lambda flat: model.loss(unflatten(flat, theta), tasks.support_x[t],
+                                                             tasks.support_y[t]))(flatten(phi_t))
+        b = flatten(torch.func.grad(model.loss)(phi_t, tasks.query_x[t], tasks.query_y[t]))
+        eye = torch.eye(len(b), dtype=b.dtype)
+        matrix = (1 + damping) * eye + hessian / lam
+        # Positive definite with eigenvalues in about [0.4, 4.9], so CG's 60 steps and the series'
+        # 200 at α = 0.3 < 2/4.9 converge.
+        eigenvalues = torch.linalg.eigvalsh(matrix)
+        assert 0.1 < eigenvalues[0] and eigenvalues[-1] < 2 / 0.3
+        damped = damped + torch.linalg.solve(matrix, b) / 2
+        undamped = undamped + torch.linalg.solve(eye + hessian / lam, b) / 2
+    # Converged solves of the same system (residuals below 1e-11 relative), far from the undamped one.
+    torch.testing.assert_close(flatten(meta_grad), damped, rtol=1e-8, atol=1e-10)
+    assert (undamped - damped).norm() > 0.5 * damped.norm()
+
+
 def small_convnet():
     torch.manual_seed(0)
     return ConvNet(1, 8, 4, 3, blocks=2, stride=2).double()
@@ -197,7 +237,8 @@ def test_batched_equals_per_task_loop(algorithm, inner):
     net = small_convnet()
     tasks = image_tasks(4, g)
     model = TaskModel(net, "classification")
-    kwargs = dict(algorithm=algorithm, inner=inner, lam=1.0, cg_steps=3)
+    # λ ≠ 1: at λ = 1, a path that used 1/λ for λ would agree with the other.
+    kwargs = dict(algorithm=algorithm, inner=inner, lam=0.5, cg_steps=3)
     batched, batched_metrics = MetaLearner(model, **kwargs).meta_gradient(model.parameters(), tasks)
     looped, looped_metrics = MetaLearner(model, vectorize=False, **kwargs).meta_gradient(model.parameters(), tasks)
     assert relative_error(batched, looped) < 1e-9
