@@ -18,29 +18,37 @@ from imaml_cli.errors import UserError
 REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
 # A tiny Omniglot: alphabet -> number of characters, per archive.
-TINY = {"background": {"Alpha": 2, "Beta": 1}, "evaluation": {"Gamma": 2}}
+TINY = {"background": {"Alpha": 2, "Beta": 2}, "evaluation": {"Gamma": 2}}
 TINY_SPLIT = {"background": {"Alpha": ["character02"]},
               "evaluation": {"Gamma": ["character01", "character02"]}}
+# Three disjoint splits of the tiny archives, each taking characters from both archives but test.
+TINY_SPLITS = {"train": {"background": {"Alpha": ["character01"], "Beta": ["character02"]}},
+               "val": {"background": {"Alpha": ["character02"]}, "evaluation": {"Gamma": ["character01"]}},
+               "test": {"background": {"Beta": ["character01"]}, "evaluation": {"Gamma": ["character02"]}}}
 
 
-def _png(seed: int) -> bytes:
-    """A 105x105 1-bit image, white with a black bar whose place depends on ``seed``."""
+def _png(seed: int, jitter: int = 0) -> bytes:
+    """A 105x105 1-bit image, white with a black bar 12 pixels high whose height depends on ``seed``
+    (13 pixels apart for consecutive seeds) and whose horizontal place on ``jitter``."""
     image = Image.new("1", (105, 105), 1)
-    top = 4 + (seed * 7) % 80
-    ImageDraw.Draw(image).rectangle([10, top, 60, top + 12], fill=0)
+    top = 4 + (seed * 13) % 80
+    ImageDraw.Draw(image).rectangle([10 + 2 * jitter, top, 60 + 2 * jitter, top + 12], fill=0)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
 
 
 def _members(archive: str, images: int = 20):
-    seed = 0
+    # The images of a character are its own bar, shifted a little: characters are told apart at a
+    # glance. Characters are numbered across both archives.
+    archives = list(TINY)
+    character = sum(sum(TINY[a].values()) for a in archives[:archives.index(archive)])
     for alphabet, count in TINY[archive].items():
         for c in range(1, count + 1):
+            character += 1
             for i in range(1, images + 1):
-                seed += 1
-                name = f"images_{archive}/{alphabet}/character{c:02d}/{seed:04d}_{i:02d}.png"
-                yield name, _png(seed)
+                name = f"images_{archive}/{alphabet}/character{c:02d}/{character:04d}_{i:02d}.png"
+                yield name, _png(character, i % 5)
 
 
 def make_zips(root: Path, images: int = 20) -> Path:
@@ -63,6 +71,15 @@ def make_folders(root: Path) -> Path:
 
 def snapshot(root: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def use_tiny_splits(folder: Path, monkeypatch) -> None:
+    """Route the splits to ``TINY_SPLITS`` through lists in the packaged format, as
+    ``split_characters`` reads them."""
+    folder.mkdir(parents=True)
+    for split, characters in TINY_SPLITS.items():
+        (folder / f"omniglot_{split}.json").write_text(json.dumps(characters), encoding="utf-8")
+    monkeypatch.setattr(omniglot, "SPLIT_LISTS", folder)
 
 
 def load_tiny(root, cache_dir, **kwargs):
@@ -164,6 +181,50 @@ def test_packaged_split_sizes_and_disjointness():
     assert not sets["train"] & sets["val"]
     assert not sets["train"] & sets["test"]
     assert not sets["val"] & sets["test"]
+
+
+def test_each_split_loads_its_own_characters_from_its_own_list(tmp_path, monkeypatch):
+    root = make_zips(tmp_path / "data")
+    use_tiny_splits(tmp_path / "splits", monkeypatch)
+    cache = tmp_path / "cache"
+
+    def character(archive, alphabet, name):
+        return load_omniglot(root, "any", rotations=False, cache_dir=cache,
+                             characters={archive: {alphabet: [name]}})[0]
+
+    loaded = {}
+    for split in SPLITS:
+        images = load_omniglot(root, split, rotations=False, cache_dir=cache)
+        expected = [character(archive, alphabet, name) for archive, alphabets in TINY_SPLITS[split].items()
+                    for alphabet, names in alphabets.items() for name in names]
+        assert images.shape == (len(expected), 20, 1, 28, 28)
+        for got, want in zip(images, expected):
+            assert torch.equal(got, want)
+        loaded[split] = images
+    # Disjoint: no image of one split is in another (every character's bar has its own height).
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        firsts = {tuple(image.flatten().tolist()) for image in loaded[a][:, 0]}
+        assert not firsts & {tuple(image.flatten().tolist()) for image in loaded[b][:, 0]}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_episodes_of_a_split_show_only_its_characters(tmp_path, monkeypatch, split):
+    """Through the factory that training and evaluation call, with rotations."""
+    root = make_zips(tmp_path / "data")
+    use_tiny_splits(tmp_path / "splits", monkeypatch)
+    cache = tmp_path / "cache"
+    own = load_omniglot(root, "any", cache_dir=cache, characters=TINY_SPLITS[split])
+    others = torch.cat([load_omniglot(root, "any", cache_dir=cache, characters=TINY_SPLITS[s])
+                        for s in SPLITS if s != split])
+    source = make_episode_source("omniglot", split, root=root, ways=8, shots=1, queries=1, device="cpu",
+                                 cache_dir=cache)
+    batch = source.sample(6, torch.Generator().manual_seed(0))
+    shown = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)
+    pixels = (shown * 255).round().to(torch.uint8)
+    known = {tuple(image.flatten().tolist()) for image in own.flatten(0, 1)}
+    foreign = {tuple(image.flatten().tolist()) for image in others.flatten(0, 1)}
+    assert all(tuple(image.flatten().tolist()) in known for image in pixels)
+    assert not any(tuple(image.flatten().tolist()) in foreign for image in pixels)
 
 
 def test_unknown_split(tmp_path):

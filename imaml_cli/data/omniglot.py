@@ -43,13 +43,15 @@ STD = None
 # {"background"|"evaluation": {alphabet: [character folder, ...]}}, the packaged split format.
 Characters = Mapping[str, Mapping[str, Sequence[str]]]
 
+# The folder of omniglot_<split>.json, one list per split. A module attribute so that tests can
+# route the splits of generated archives through the same code as the packaged lists.
+SPLIT_LISTS = resources.files("imaml_cli.data").joinpath("splits")
+
 
 def split_characters(split: str) -> Characters:
-    """The characters of a split of Vinyals et al. (1028 / 172 / 423), as packaged."""
+    """The characters of a split of Vinyals et al. (1028 / 172 / 423), from ``SPLIT_LISTS``."""
     check_split(split, "Omniglot")
-    text = (resources.files("imaml_cli.data").joinpath("splits")
-            .joinpath(f"omniglot_{split}.json").read_text(encoding="utf-8"))
-    return json.loads(text)
+    return json.loads(SPLIT_LISTS.joinpath(f"omniglot_{split}.json").read_text(encoding="utf-8"))
 
 
 def load_omniglot(root: str | os.PathLike, split: str, rotations: bool = True,
