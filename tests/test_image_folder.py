@@ -1,6 +1,7 @@
 """dataset=image_folder: the three layouts, the pixels, the cache, episodes from uneven classes,
 one-line errors, and whole runs of imaml-train and imaml-eval on generated folders."""
 
+import codecs
 import json
 
 import numpy as np
@@ -20,9 +21,13 @@ SIZE = 12
 
 
 def pixels(class_index: int, image_index: int) -> np.ndarray:
-    """An RGB image whose pixels say which class and image it is, and no two rows alike."""
+    """An RGB image whose pixels say which class and image it is, and no two rows alike: dark noise
+    with a bright 3x3 square in one of 16 places, the class's own (classes below 16 apart differ
+    at a glance, in colour or grey)."""
     rng = np.random.default_rng(1000 * class_index + image_index)
-    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    image = rng.integers(0, 96, (SIZE, SIZE, 3), dtype=np.uint8)
+    row, column = divmod(class_index % 16, 4)
+    image[3 * row:3 * row + 3, 3 * column:3 * column + 3] = rng.integers(224, 256, (3, 3, 3), dtype=np.uint8)
     image[0, 0] = (class_index, image_index, 7)
     return image
 
@@ -102,6 +107,19 @@ def test_class_lists_pick_each_splits_classes(tmp_path, cache_dir):
     for split in ("train", "val", "test"):
         (root / f"{split}.txt").write_text((lists / f"{split}.txt").read_text())
     assert load(root, "val").classes == ["c1"]
+
+
+def test_class_lists_as_editors_write_them(tmp_path, cache_dir):
+    """A byte-order mark, CRLF line ends, spaces and tabs around names, blank lines and comments."""
+    root = tmp_path / "root"
+    write_classes(root, [f"c{i}" for i in range(6)], [3] * 6)
+    lists = {"train": "c0  \r\n\tc3\t\r\n\r\n   \r\n# not a class\r\n  # nor this\r\nc5 \t",
+             "val": "# the first line a comment\nc1\n", "test": "c2\nc4"}
+    for split, text in lists.items():
+        (root / f"{split}.txt").write_bytes(codecs.BOM_UTF8 + text.encode())
+    assert load(root, "train").classes == ["c0", "c3", "c5"]
+    assert load(root, "val").classes == ["c1"]
+    assert load(root, "test").classes == ["c2", "c4"]
 
 
 def test_a_seeded_random_split_partitions_the_classes(tmp_path, cache_dir):
@@ -248,20 +266,45 @@ def test_the_commands_train_and_evaluate_on_each_layout(tmp_path, cache_dir, lay
     root = tmp_path / "root"
     make_layout(root, layout)
     env = {"IMAML_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    trained = run_cli("imaml-train", *RUN, f"dataset.root={root}", f"dataset.channels={channels}",
-                      "dataset.split_fractions=[0.4,0.3,0.3]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                      env=env)
+    trained = run_cli("imaml-train", *RUN, "inner_solver.steps=5", f"dataset.root={root}",
+                      f"dataset.channels={channels}", "dataset.split_fractions=[0.4,0.3,0.3]",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert "test accuracy" in trained.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test"]["metric"] == "accuracy" and results["test"]["ways"] == 3
     assert results["checkpoint"] == "best" and results["meta_steps"] == 2
+    assert f"test accuracy {results['test']['mean']:.2f}%" in trained.stdout
+    # Each class has its bright square in a place of its own: five inner steps from one example per
+    # class tell them apart (100% here), far above the 33% of chance.
+    assert results["test"]["mean"] >= 70 and results["best_val"] >= 70
     evaluated = run_cli("imaml-eval", f"checkpoint={tmp_path / 'run'}", "eval.episodes=6", "eval.split=val",
                         f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert "val accuracy" in evaluated.stdout
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["episodes"] == 6 and result["split"] == "val" and result["ways"] == 3
+    assert f"val accuracy {result['mean']:.2f}%" in evaluated.stdout and result["mean"] >= 70
+
+
+def test_a_folder_without_images_is_refused_before_any_cache_is_written(tmp_path, cache_dir):
+    """imaml-train on class folders that hold only other files; an empty folder, in this process."""
+    root = tmp_path / "root"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        (root / name / "notes.txt").write_text("not an image")
+    (root / "a" / "table.csv").write_text("1,2")
+    done = run_cli("imaml-train", "dataset=image_folder", f"dataset.root={root}", "train.progress=false",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"IMAML_CACHE_DIR": str(cache_dir)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: no images in {root}; expected ROOT/train|val|test/<class>/*, "
+                                               f"or ROOT/<class>/* (split by train.txt, val.txt and test.txt class "
+                                               f"lists, or at random by dataset.split_fractions), with image files "
+                                               f"({', '.join(image_folder.IMAGE_SUFFIXES)})"]
+    assert "cache" not in done.stdout + done.stderr
+    assert not cache_dir.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images in"):
+        load(tmp_path / "empty", "train")
+    assert not cache_dir.exists()
 
 
 def test_a_folder_that_cannot_serve_the_settings_stops_the_run_before_training(tmp_path, cache_dir):

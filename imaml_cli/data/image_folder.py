@@ -3,7 +3,9 @@
 One of three layouts under ``root``, tried in this order:
   ``train|val|test/<class>/*``  split folders: a split's classes are its folder's subfolders;
   ``<class>/*`` + class lists    ``train.txt``, ``val.txt``, ``test.txt`` (one class folder name a
-                                 line) in ``class_lists``, or in ``root`` when that is null;
+                                 line, UTF-8 with or without a byte-order mark; whitespace around a
+                                 name, blank lines and lines starting with ``#`` are ignored) in
+                                 ``class_lists``, or in ``root`` when that is null;
   ``<class>/*``                  the classes shuffled with ``split_seed`` and cut by ``split_fractions``.
 Image files (``IMAGE_SUFFIXES``; other files are skipped) are converted to ``channels`` (1:
 grayscale, 3: RGB) and resized to ``image_size`` squared, ignoring the aspect ratio, with PIL's
@@ -73,10 +75,12 @@ def load_image_folder(root: str | os.PathLike, split: str, *, image_size: int, c
         else:
             where = f"{root} (classes split at random, dataset.split_seed={split_seed})"
             wanted = None
-    images, names = _load_classes(folder, image_size, channels, cache_dir)
-    counts = {name: len(list(run)) for name, run in groupby(names)}
-    if not counts:
+    groups = scan_classes(folder)
+    # Before the cache: a folder without images must not leave a cache file of nothing behind.
+    if not any(groups.values()):
         raise UserError(f"no images in {folder}; expected {LAYOUTS}, with image files ({', '.join(IMAGE_SUFFIXES)})")
+    images, names = _load_classes(folder, groups, image_size, channels, cache_dir)
+    counts = {name: len(list(run)) for name, run in groupby(names)}
     if folder == root:
         if wanted is None:
             wanted = _random_split(sorted(counts), split, split_fractions, split_seed)
@@ -110,10 +114,12 @@ def _read_class_list(path: Path, root: Path) -> list[str]:
         raise UserError(f"the class list {path} is missing; with class lists, every split needs one "
                         f"(one class folder name of {root} a line)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig drops the byte-order mark that Windows editors write, which strip() would keep.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the class list {path} ({exc}); it must be UTF-8 text") from exc
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    names = (line.strip() for line in lines)
+    return [name for name in names if name and not name.startswith("#")]
 
 
 def _random_split(classes: list[str], split: str, fractions: Sequence[float], seed: int) -> list[str]:
@@ -146,10 +152,9 @@ def scan_classes(folder: Path) -> dict[str, list[Path]]:
             for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
 
 
-def _load_classes(folder: Path, image_size: int, channels: int,
+def _load_classes(folder: Path, groups: dict[str, list[Path]], image_size: int, channels: int,
                   cache_dir: str | os.PathLike | None) -> tuple[torch.Tensor, list[str]]:
-    """Every image of ``folder``'s class folders, and the class of each (the cache's format)."""
-    groups = scan_classes(folder)
+    """Every image of ``groups`` (``folder``'s class folders), and the class of each (the cache's format)."""
     files = [p for paths in groups.values() for p in paths]
     return load_or_build(default_cache_dir() if cache_dir is None else cache_dir, "image_folder",
                          {"source": str(folder.resolve()), "image_size": image_size, "channels": channels},
