@@ -58,3 +58,19 @@ def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("IMAML_CACHE_DIR", str(path))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def caches_under_the_test_folders(tmp_path_factory):
+    """Dataset caches that a test, or a command it runs, writes without naming a cache folder go
+    under pytest's temporary folder rather than ~/.cache/imaml: no test reads what an earlier run
+    left there, or leaves anything there. A test that looks into its cache takes ``cache_dir``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMAML_CACHE_DIR", str(tmp_path_factory.mktemp("imaml-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def real_omniglot_cache(tmp_path_factory):
+    """One cache of the real Omniglot for the tests that read it, built by the first of them."""
+    return tmp_path_factory.mktemp("real-omniglot-cache")

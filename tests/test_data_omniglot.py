@@ -329,9 +329,9 @@ def test_download_checks_the_published_md5(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not REAL_ROOT.is_dir(), reason=f"no Omniglot at {REAL_ROOT}")
-def test_real_omniglot(tmp_path):
+def test_real_omniglot(real_omniglot_cache):
     before = snapshot(REAL_ROOT)
-    cache = tmp_path / "cache"
+    cache = real_omniglot_cache
     sizes = {}
     for split in SPLITS:
         images = load_omniglot(REAL_ROOT, split, cache_dir=cache)

@@ -111,7 +111,7 @@ def test_the_readme_table_is_the_one_results_json_gives():
 
 
 @pytest.mark.skipif(not REAL_OMNIGLOT.is_dir(), reason="needs the real Omniglot in ../shared/data/omniglot")
-def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path):
+def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path, real_omniglot_cache):
     rows = json.loads((REPO / "pretrained" / "results.json").read_text()) if (
         REPO / "pretrained" / "results.json").is_file() else []
     rows = [r for r in rows if r["dataset"] == "omniglot"]
@@ -120,7 +120,8 @@ def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path):
     # The cheapest row keeps the suite short; every row is reproduced the same way.
     row = min(rows, key=lambda r: r["ways"] * r["shots"] * r["episodes"])
     done = run_cli("imaml-eval", f"checkpoint={row['checkpoint']}", f"dataset.root={REAL_OMNIGLOT}",
-                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=REPO, timeout=900)
+                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=REPO, timeout=900,
+                   env={"IMAML_CACHE_DIR": str(real_omniglot_cache)})
     assert done.returncode == 0, done.stderr
     assert float(re.search(r"test accuracy ([0-9.]+)%", done.stdout).group(1)) == row["test_accuracy"]
 
