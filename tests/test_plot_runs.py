@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICK, REPO, compose
+from imaml_cli.engine import loop
 from imaml_cli.engine.loop import train
 
 pytest.importorskip("matplotlib")
@@ -19,12 +20,45 @@ def plot(*args):
         sys.argv = argv
 
 
-def test_plots_validation_curves_of_two_runs(tmp_path):
+def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    validations = {}
+    evaluate = loop.evaluate
     for name, lam in (("a", 0.5), ("b", 2.0)):
+        scores = validations[name] = []
+
+        def recording(*args, scores=scores, **kwargs):
+            result = evaluate(*args, **kwargs)
+            if result.split == "val":
+                scores.append(result.mean)
+            return result
+        monkeypatch.setattr(loop, "evaluate", recording)
         train(compose(QUICK + [f"algorithm.lam={lam}"]), tmp_path / name)
+    saved = []
+    save = Figure.savefig
+
+    def keep_and_save(figure, *args, **kwargs):
+        saved.append(figure)
+        return save(figure, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", keep_and_save)
     out = tmp_path / "plot.png"
     plot(tmp_path / "a", tmp_path / "b", "--labels", "lam 0.5", "lam 2", "--out", out)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (figure,) = saved
+    by_step, by_time = figure.axes
+    assert by_step.get_ylabel() == by_time.get_ylabel() == "validation MSE"
+    # One curve per run, each the run's own validations (QUICK validates at steps 2 and 4), as
+    # TensorBoard stores them (float32).
+    assert [line.get_label() for line in by_step.lines] == ["lam 0.5", "lam 2"]
+    for line, name in zip(by_step.lines, "ab"):
+        assert list(line.get_xdata()) == [2, 4]
+        assert list(line.get_ydata()) == pytest.approx(validations[name], rel=1e-6)
+    assert validations["a"] != pytest.approx(validations["b"], rel=1e-3)
+    for line, twin in zip(by_time.lines, by_step.lines):
+        minutes = list(line.get_xdata())
+        assert list(line.get_ydata()) == list(twin.get_ydata()) and 0 < minutes[0] < minutes[1]
 
 
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
