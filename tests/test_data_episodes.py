@@ -124,8 +124,14 @@ def test_sinusoid_is_seeded_and_validated():
 
 
 def test_task_batch_to():
-    batch = SinusoidTasks(2, 3).sample(2, torch.Generator()).to("cpu")
-    assert isinstance(batch, TaskBatch) and batch.query_x.device.type == "cpu"
+    batch = SinusoidTasks(2, 3).sample(2, torch.Generator().manual_seed(0))
+    same = batch.to("cpu")
+    assert isinstance(same, TaskBatch) and all(torch.equal(a, b) for a, b in zip(same, batch))
+    # The meta device holds shapes and dtypes only: a move off the CPU that needs no accelerator.
+    moved = batch.to("meta")
+    assert isinstance(moved, TaskBatch) and all(t.device.type == "meta" for t in moved)
+    assert [(t.shape, t.dtype) for t in moved] == [(t.shape, t.dtype) for t in batch]
+    assert moved.support_x.shape == (2, 2, 1) and moved.query_x.shape == (2, 3, 1)
 
 
 def test_factory():
