@@ -24,6 +24,8 @@ from imaml_cli.torchrun import QUIET_RANK, rank_argv
 # torchrun gives each rank one thread unless OMP_NUM_THREADS is set; the single-process references
 # use one thread too, so that every matmul sums in the same order and only the split differs.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# iMAML at λ = 0.5, not the sinusoid preset's 1, where λ and 1/λ coincide.
+IMAML = QUICK + ["algorithm.lam=0.5"]
 
 
 @contextmanager
@@ -70,12 +72,12 @@ def single_imaml(tmp_path_factory) -> Path:
     """One process, QUICK's global meta-batch of 3 tasks: the reference for two ranks (1 + 2 tasks)."""
     run = tmp_path_factory.mktemp("single") / "run"
     with one_thread():
-        train(compose(QUICK), run)
+        train(compose(IMAML), run)
     return run
 
 
 def test_imaml_on_two_ranks_equals_one_process_and_rank_0_writes_one_run_dir(single_imaml, tmp_path):
-    result = torchrun("-m", "imaml_cli.train", *QUICK, cwd=tmp_path)
+    result = torchrun("-m", "imaml_cli.train", *IMAML, cwd=tmp_path)
     # No hydra.run.dir: rank 0's Hydra picks outputs/<date>/<time>/ and rank 1 writes nothing of its own.
     assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
     (run,) = tmp_path.glob("outputs/*/*")
