@@ -153,7 +153,7 @@ class RunDirGuard(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.sweep_lock is not None:
-            self.sweep_lock.release()
+            self.sweep_lock.release(remove=True)
             self.sweep_lock = None
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
@@ -163,10 +163,13 @@ class RunDirGuard(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         failed = job_return.status is JobStatus.FAILED
-        if failed and self.before is not None and self.before.untouched():
-            self.before.restore()
-        if self.before is None and self.lock is not None:  # a sweep job: the next one takes its own
-            self.lock.release()
+        restored = failed and self.before is not None and self.before.untouched()
+        if restored:
+            self.before.restore()  # the lock file too, as it was before
+        if self.lock is not None:
+            # Whatever the outcome, the run is over: no lock file stays behind (a sweep's next job
+            # takes its own). Under torchrun this is rank 0, the last rank to leave the run.
+            self.lock.release(remove=not restored)
             self.lock = None
         if failed:
             # The exception itself: JobReturn.return_value would first print a line of its own.

@@ -208,7 +208,7 @@ def test_eval_of_a_checkpoint_that_predates_a_setting_uses_its_default(finished_
 @pytest.mark.parametrize("args, message", [
     (["checkpoint=/nonexistent/last.pt"], "checkpoint /nonexistent/last.pt does not exist"),
     ([], "no checkpoint given; run imaml-eval checkpoint="),
-    (["checkpoint={run}/train.log"], "is not a readable imaml checkpoint"),
+    (["checkpoint={run}/train.log"], "train.log cannot be read as a checkpoint: it is not a file that torch.save wrote"),
     (["checkpoint={run}/checkpoints/best.pt", "dataset.ways=7", "experiment=omniglot_5w1s"],
      "experiment=... cannot change at evaluation"),
 ])

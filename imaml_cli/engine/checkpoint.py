@@ -7,11 +7,14 @@ whole.
 """
 
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
+from imaml_cli.engine.file_mode import as_if_created
 from imaml_cli.errors import UserError
 
 FORMAT = "imaml-checkpoint-v1"
@@ -25,6 +28,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_if_created(fd)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
@@ -47,21 +51,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Read a checkpoint written by ``save_checkpoint``; anything else is a UserError."""
+READ_ADVICE = "pass a checkpoints/last.pt or best.pt written by imaml-train"
+
+
+def load_checkpoint(path: Path, map_location="cpu", advice: str = READ_ADVICE) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; anything else is a UserError ending in ``advice``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file in a run's checkpoints/ folder")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable imaml checkpoint ({reason[:200]}); "
-                        "pass a checkpoints/last.pt or best.pt written by imaml-train") from None
+        raise UserError(f"{path} cannot be read as a checkpoint: {_why_unreadable(path, error)}; {advice}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):
-        raise UserError(f"{path} is not an imaml checkpoint (no '{FORMAT}' record); "
-                        "pass a checkpoints/last.pt or best.pt written by imaml-train")
+        raise UserError(f"{path} is not an imaml checkpoint (no '{FORMAT}' record); {advice}")
     return state
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """What torch's error means for a user, in a few words (its own messages run to paragraphs)."""
+    if isinstance(error, EOFError) or "zip archive" in str(error) or "central directory" in str(error):
+        return "it is truncated or damaged (a copy cut short, or a write that never finished)"
+    if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+        return "it holds objects other than tensors and plain values, and imaml runs no code from a file"
+    return f"it is not a file that torch.save wrote ({type(error).__name__})"
 
 
 def load_params(network: torch.nn.Module, state: dict, path) -> None:

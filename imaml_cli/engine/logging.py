@@ -8,20 +8,31 @@ from pathlib import Path
 
 import torch
 
+from imaml_cli.engine.file_mode import as_if_created
+
 log = logging.getLogger("imaml")
 
 
 class TensorBoard:
-    """Scalars under ``run_dir/tb``; on resume, events after the resumed step are discarded."""
+    """Scalars under ``run_dir/tb``; on resume, events after the resumed step are discarded.
+
+    The checkpoint of meta-step s is written after everything logged at s, so what a killed run
+    logged up to s stays and what it logged after s (which the resumed run repeats) goes.
+    Accuracies are in percent, in training as in validation.
+    """
 
     def __init__(self, run_dir: Path, resumed_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step or None)
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step + 1 if resumed_step else None)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
             self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def training_scalars(self, values: dict[str, float], step: int) -> None:
+        """A meta-step's metrics; their accuracies (fractions of a task's queries) in percent."""
+        self.scalars("train", {k: 100 * v if k.endswith("_accuracy") else v for k, v in values.items()}, step)
 
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
         """The hparams record, written into this run's own folder (add_hparams would make a subfolder)."""
@@ -68,6 +79,7 @@ def write_json(path: Path, payload: dict) -> None:
     """Atomically, like checkpoints: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        as_if_created(fd)
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")

@@ -156,7 +156,10 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
 
     resumed = None
     if last_path.exists():
-        resumed = load_checkpoint(last_path)
+        resumed = load_checkpoint(last_path, advice=(
+            f"move it away and run the same command with train.resume={best_path} to go on from the best "
+            f"checkpoint, or choose a new hydra.run.dir to start over" if best_path.exists() else
+            f"remove it to start this run over, or choose a new hydra.run.dir"))
         stored = OmegaConf.to_container(OmegaConf.create(resumed["config"]))
         changed = [k for k in _differing_keys(stored, config) if k not in RESUMABLE_CHANGES]
         if changed:
@@ -250,8 +253,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                     progress.update(1)
                     progress.set_postfix(_postfix(summary, best), refresh=False)
                     if step % tcfg["log_every"] == 0 or step == tcfg["meta_steps"]:
-                        tb.scalars("train", {**summary, "meta_grad_norm": grad_norm.item(),
-                                             "seconds_per_step": seconds, "skipped_steps": skipped}, step)
+                        tb.training_scalars({**summary, "meta_grad_norm": grad_norm.item(),
+                                            "seconds_per_step": seconds, "skipped_steps": skipped}, step)
                 if bad_steps >= tcfg["max_bad_steps"]:
                     checkpoint(last_path)
                     raise UserError(f"{bad_steps} meta-steps in a row had a non-finite loss or meta-gradient "

@@ -1,0 +1,82 @@
+"""What a finished or resumed run leaves in its folder, through the installed command: every logged
+point once, no lock file, files the user's group can read, one unit per kind of scalar."""
+
+import os
+import stat
+from collections import Counter
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import QUICK, run_cli
+
+
+def scalar_steps(run) -> dict[str, list[int]]:
+    """Every (tag, step) point TensorBoard shows, after its own handling of purged steps."""
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def train(run, tmp_path, *overrides: str):
+    result = run_cli("imaml-train", *QUICK, "train.log_every=1", *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_a_resumed_run_keeps_every_point_once(tmp_path):
+    run = tmp_path / "run"
+    # Stopped after meta-step 2's checkpoint and validation (as a kill there leaves it), then resumed.
+    train(run, tmp_path, "train.meta_steps=2")
+    train(run, tmp_path, "train.meta_steps=4")
+    steps = scalar_steps(run)
+    assert steps["train/post_query_loss"] == [1, 2, 3, 4]
+    assert steps["val/mse"] == [2, 4]
+    # And a run that went on past its checkpoint before the kill loses what it logged after it.
+    straight = tmp_path / "straight"
+    train(straight, tmp_path, "train.meta_steps=3", "train.checkpoint_every=2", "train.val_every=3")
+    (straight / "results.json").unlink()
+    last = straight / "checkpoints" / "last.pt"
+    os.replace(straight / "checkpoints" / "best.pt", last)  # the state at meta-step 3, validated there
+    train(straight, tmp_path, "train.meta_steps=4", "train.checkpoint_every=2", "train.val_every=3")
+    assert Counter(scalar_steps(straight)["train/post_query_loss"]) == Counter([1, 2, 3, 4])
+
+
+def test_a_finished_run_leaves_no_lock_and_files_readable_as_the_umask_allows(tmp_path):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(run, tmp_path)
+    finally:
+        os.umask(old)
+    assert not (run / ".lock").exists()
+    for path in (run / "checkpoints" / "best.pt", run / "checkpoints" / "last.pt", run / "results.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    result = run_cli("imaml-eval", f"checkpoint={run}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "eval" / ".lock").exists()
+    assert stat.S_IMODE((tmp_path / "eval" / "eval.json").stat().st_mode) == 0o644
+
+
+def test_a_sweep_leaves_no_lock_files(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("imaml-train", "-m", *QUICK, "algorithm.lam=0.5,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (sweep / "0" / "results.json").exists() and (sweep / "1" / "results.json").exists()
+    assert not list(sweep.rglob(".lock"))
+
+
+def test_accuracies_are_in_percent_in_training_as_in_validation(tmp_path):
+    from test_distributed_fused import overrides, write_folder
+
+    run = tmp_path / "run"
+    result = run_cli("imaml-train", *overrides(write_folder(tmp_path / "images")), "train.meta_steps=2",
+                     "train.val_every=2", "train.log_every=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = EventAccumulator(str(run / "tb"))
+    steps.Reload()
+    # 3 ways, 2 queries per class: a task's accuracy is a multiple of 1/6, so a meta-batch's mean (33
+    # tasks) of 1/198 and a validation's (6 episodes) of 1/36.
+    for tag, unit in (("train/pre_query_accuracy", 198), ("train/post_query_accuracy", 198), ("val/accuracy", 36)):
+        values = [e.value for e in steps.Scalars(tag)]
+        assert all(abs(v * unit / 100 - round(v * unit / 100)) < 1e-3 and 0 <= v <= 100 for v in values), tag
+    assert max(e.value for e in steps.Scalars("train/post_query_accuracy")) > 1
