@@ -12,6 +12,7 @@ command lines alone.
 
 import argparse
 import functools
+import itertools
 import sys
 from importlib import resources
 
@@ -23,6 +24,10 @@ from imaml_cli.errors import UserError, exit_on_user_error
 
 # With these Hydra prints help or information and does not run the command.
 NOT_A_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+MULTIRUN = {"-m", "--multirun"}
+# A sweep with more jobs than this has each swept value checked beside the others' first values,
+# not every combination (composing a config takes tens of milliseconds).
+EVERY_COMBINATION_UP_TO = 64
 CONFIG_PACKAGE = "imaml_cli.conf"
 
 
@@ -100,6 +105,45 @@ def check_overrides(args: list[str], config_name: str, extra_keys: tuple[str, ..
     for key in unknown:
         if composed is not None and not _known(key, composed):
             raise unknown_key(key, composed)
+    if config_name == "train" and MULTIRUN & set(args):
+        check_sweep_jobs([o for o in overrides if o.key_or_group.split("/")[0].split(".")[0] != "hydra"])
+
+
+def check_sweep_jobs(overrides) -> None:
+    """Validate the config of every job a ``-m`` sweep will run, before the first one starts: a bad
+    value in a later job would otherwise end the sweep after hours of the jobs before it.
+
+    Swept values the sweeper draws itself (an optuna interval) take the config's value here."""
+    from hydra import compose, initialize_config_module
+
+    from imaml_cli.config import validate
+
+    choices = []
+    for override in overrides:
+        if not override.is_sweep_override():
+            choices.append([override.input_line])
+            continue
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception:  # not a list of values: the sweeper draws them
+            continue
+        prefix = override.input_line.split("=", 1)[0]
+        choices.append([f"{prefix}={value}" for value in values])
+    if all(len(c) == 1 for c in choices):
+        return
+    jobs = list(itertools.product(*choices))
+    if len(jobs) > EVERY_COMBINATION_UP_TO:
+        jobs = [tuple(c[0] if i != j else value for i, c in enumerate(choices))
+                for j, swept in enumerate(choices) for value in swept]
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+        for job in jobs:
+            try:
+                validate(compose("train", overrides=list(job)))
+            except UserError as error:
+                swept = " ".join(o for o, c in zip(job, choices) if len(c) > 1)
+                raise UserError(f"the sweep's job with {swept} would fail: {error}; nothing was run") from None
+            except Exception:  # Hydra itself refuses this job's command line: it will say why
+                return
 
 
 def checks_overrides(config_name: str, extra_keys: tuple[str, ...] = ()):

@@ -80,3 +80,13 @@ def test_accuracies_are_in_percent_in_training_as_in_validation(tmp_path):
         values = [e.value for e in steps.Scalars(tag)]
         assert all(abs(v * unit / 100 - round(v * unit / 100)) < 1e-3 and 0 <= v <= 100 for v in values), tag
     assert max(e.value for e in steps.Scalars("train/post_query_accuracy")) > 1
+
+
+def test_a_sweep_with_a_bad_later_value_stops_before_job_0_and_leaves_nothing(tmp_path):
+    result = run_cli("imaml-train", "-m", *QUICK, "algorithm=imaml,maml", "algorithm.lam=0.5,-1",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: the sweep's job with algorithm=imaml algorithm.lam=-1 would fail: algorithm.lam=-1 is invalid: "
+        "expected a number > 0; nothing was run"]
+    assert not list(tmp_path.iterdir())
