@@ -189,14 +189,19 @@ def test_eval_cli_with_overrides_writes_json(finished_run, tmp_path):
 def test_eval_of_a_checkpoint_that_predates_a_setting_uses_its_default(finished_run, tmp_path):
     folder, _ = finished_run
     state = load_checkpoint(folder / "run" / "checkpoints" / "best.pt")
-    assert "  backtrack: true\n" in state["config"]
-    state["config"] = state["config"].replace("  backtrack: true\n", "")
+    assert "  backtrack: true\n" in state["config"] and "  alternate_query: true\n" in state["config"]
+    # alternate_query (meta-training only) and task_groups (speed only) change nothing here: no warning.
+    for line in ("  backtrack: true\n", "  alternate_query: true\n", "  task_groups: auto\n"):
+        assert line in state["config"]
+        state["config"] = state["config"].replace(line, "")
     old = tmp_path / "old.pt"
     save_checkpoint(state, old)
     overrides = [f"checkpoint={old}", "eval.episodes=4", "inner_solver.backtrack=false"]
     result = run_cli("imaml-eval", *overrides, f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "predates inner_solver.backtrack" in result.stdout + result.stderr
+    printed = result.stdout + result.stderr
+    assert "predates inner_solver.backtrack; using today's defaults: inner_solver.backtrack=" in printed
+    assert "alternate_query" not in printed and "task_groups" not in printed
     assert "inner_solver.backtrack=false" in json.loads((tmp_path / "cli" / "eval.json").read_text())["overrides"]
     # Without the override the missing setting takes today's default (true); with it, false.
     learner, _ = evaluate_in_process(overrides, tmp_path / "in_process")

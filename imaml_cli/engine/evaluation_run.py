@@ -16,6 +16,10 @@ from imaml_cli.errors import UserError
 log = logging.getLogger("imaml")
 
 GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimizer")
+# Settings that do not change what an evaluation computes: meta-training's alone (evaluation adapts
+# on the support set for every algorithm), or speed only. A checkpoint older than one of them
+# evaluates the same either way, so its absence is not worth a warning.
+NO_EFFECT_ON_EVALUATION = ("train.", "outer_optimizer.", "algorithm.alternate_query", "perf.task_groups")
 
 
 def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
@@ -27,9 +31,10 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     newer = [key for key in SCHEMA if OmegaConf.select(stored, key, default="<absent>") == "<absent>"]
     for key in newer:
         OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
-    if newer:
-        log.warning("the checkpoint predates %s; using today's defaults: %s", ", ".join(newer),
-                    ", ".join(f"{k}={OmegaConf.select(composed, k)}" for k in newer))
+    relevant = [key for key in newer if not key.startswith(NO_EFFECT_ON_EVALUATION)]
+    if relevant:
+        log.warning("the checkpoint predates %s; using today's defaults: %s", ", ".join(relevant),
+                    ", ".join(f"{k}={OmegaConf.select(composed, k)}" for k in relevant))
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "checkpoint" or key.startswith("hydra"):
