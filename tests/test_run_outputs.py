@@ -90,3 +90,17 @@ def test_a_sweep_with_a_bad_later_value_stops_before_job_0_and_leaves_nothing(tm
         "error: the sweep's job with algorithm=imaml algorithm.lam=-1 would fail: algorithm.lam=-1 is invalid: "
         "expected a number > 0; nothing was run"]
     assert not list(tmp_path.iterdir())
+
+
+def test_both_commands_say_where_they_write_and_eval_shows_its_progress(tmp_path):
+    run, evaluation = tmp_path / "run", tmp_path / "eval"
+    trained = train(run, tmp_path)
+    lines = trained.stdout.splitlines()
+    assert lines[0] == f"run folder: {run}"
+    assert lines[-1] == f"written: {run / 'results.json'}, checkpoints/ and tb/ in {run}"
+    result = run_cli("imaml-eval", f"checkpoint={run}", "train.progress=true", "eval.episodes=8", "eval.batch_size=2",
+                     f"hydra.run.dir={evaluation}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("[")]  # log records
+    assert lines[0] == f"run folder: {evaluation}" and lines[-1] == f"written: {evaluation / 'eval.json'}"
+    assert "test episodes: 100%" in result.stderr and "8/8" in result.stderr

@@ -37,7 +37,7 @@ class EvalResult:
 
 
 def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed: int, batch_size: int,
-             split: str, shard: tuple[int, int] = (0, 1), gather=None) -> EvalResult:
+             split: str, shard: tuple[int, int] = (0, 1), gather=None, progress: bool = False) -> EvalResult:
     """Adapt θ to ``episodes`` fixed episodes of ``source`` (the same ones for the same seed).
 
     Each episode is scored after adaptation (``post_query_*``): the query accuracy in % or the query
@@ -49,16 +49,24 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
 
     ``shard=(rank, world)`` keeps every world-th batch for this rank; ``gather`` combines the
     per-rank lists of scores in episode order, so several processes report what one would.
+    ``progress``: a tqdm bar over this rank's episodes (a test of 600 episodes takes minutes on a CPU).
     """
     classification = source.kind == "classification"
     rank, world = shard
     scores = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=episodes, desc=f"{split} episodes", unit="episode", dynamic_ncols=True, disable=not progress,
+               mininterval=1.0)
     for index, batch in enumerate(fixed_episodes(source, episodes, seed, batch_size)):
         if index % world != rank:
             continue
         _, metrics = learner.adapt(theta, batch)
+        # Under torchrun, rank 0's share times the number of ranks: an estimate of the whole.
+        bar.update(min(len(metrics["post_query_loss"]) * world, episodes - bar.n))
         per_task = metrics["post_query_accuracy"] * 100.0 if classification else metrics["post_query_loss"]
         scores.append(per_task.double().cpu())
+    bar.close()
     if gather is not None:
         scores = gather(scores)
     values = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)

@@ -86,15 +86,19 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path, co
         load_params(network, state, path)
         learner = components.build_learner(config, network, world.device)
         ecfg = config["eval"]
+        if world.is_main:
+            print(f"run folder: {run_dir}", flush=True)
         source = world.main_first(lambda: components.build_source(config, ecfg["split"], world.device, evaluation=True))
         result = evaluate(learner, dict(network.named_parameters()), source, episodes=ecfg["episodes"],
                           seed=ecfg["seed"], batch_size=ecfg["batch_size"], split=ecfg["split"],
-                          shard=(world.rank, world.world), gather=world.gather_lists)
+                          shard=(world.rank, world.world), gather=world.gather_lists,
+                          progress=world.is_main and config["train"]["progress"])
         if world.is_main:
             report(result.line(), f"{result.line()} (checkpoint: {path.resolve()})")
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "eval.json", {**result.to_dict(), "checkpoint": str(path.resolve()),
                                                "meta_step": state["step"], "overrides": overrides})
+            print(f"written: {run_dir / 'eval.json'}", flush=True)
             if config_record is not None:
                 used = OmegaConf.create({**config, "checkpoint": str(path.resolve())})
                 config_record.write_text(OmegaConf.to_yaml(used))

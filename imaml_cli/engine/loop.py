@@ -221,6 +221,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         # No rank may exit before the file is whole: torchrun stops the others when one exits.
         world.barrier()
 
+    if world.is_main:
+        print(f"run folder: {run_dir}", flush=True)
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
     try:
         with stop_on_signals() as (signals, handlers), logging_redirect_tqdm():
@@ -300,7 +302,7 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
     source = world.main_first(lambda: components.build_source(config, ecfg["split"], device, evaluation=True))
     result = evaluate(learner, params, source, episodes=ecfg["episodes"], seed=ecfg["seed"],
                       batch_size=ecfg["batch_size"], split=ecfg["split"], shard=(world.rank, world.world),
-                      gather=world.gather_lists)
+                      gather=world.gather_lists, progress=world.is_main and config["train"]["progress"])
     score = best if best is not None else result.mean
     if world.is_main:
         report(result.line(), f"{result.line()} (checkpoint: {used})")
@@ -310,6 +312,7 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
         tb.hparams(flat_hparams(config), {f"hparam/{result.split}_{result.metric}": result.mean,
                                           **({"hparam/val_best": best} if best is not None else {})})
         tb.close()
+        print(f"written: {results_path}, checkpoints/ and tb/ in {results_path.parent}", flush=True)
     world.barrier()
     return score
 
