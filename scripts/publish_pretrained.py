@@ -46,7 +46,8 @@ def training_command(run_dir: Path) -> str:
         fail(f"{overrides} is missing; pass the training command with --command")
     from omegaconf import OmegaConf
 
-    return " ".join(["imaml-train", *OmegaConf.load(overrides), f"hydra.run.dir={run_dir}"])
+    # Without the run folder it had on the machine that trained it: a user pastes it anywhere.
+    return " ".join(["imaml-train", *(o for o in OmegaConf.load(overrides) if not o.startswith("hydra.run.dir="))])
 
 
 def evaluate(checkpoint: Path) -> dict:

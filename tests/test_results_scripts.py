@@ -54,9 +54,9 @@ def test_a_published_row_has_every_field_and_a_small_parameters_only_file(publis
     assert (row["dataset"], row["ways"], row["shots"], row["algorithm"], row["inner_solver"]) == (
         "miniimagenet", 2, 1, "imaml", "gd")
     assert (row["meta_steps"], row["queries"], row["episodes"]) == (2, 1, 6)
-    # The command is the one that trained it: its overrides, then the run directory.
+    # The command is the one that trained it, less the run folder it had on that machine.
     assert row["command"].startswith("imaml-train experiment=miniimagenet_5w1s dataset.ways=2")
-    assert row["command"].endswith(f"hydra.run.dir={tmp / 'run'}")
+    assert "hydra.run.dir" not in row["command"]
     state = torch.load(out / "tiny.pt", weights_only=True)
     assert "optimizer" not in state and set(state["params"]) and (out / "tiny.pt").stat().st_size < 1 << 20
 
