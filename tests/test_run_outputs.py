@@ -1,6 +1,7 @@
 """What a finished or resumed run leaves in its folder, through the installed command: every logged
 point once, no lock file, files the user's group can read, one unit per kind of scalar."""
 
+import json
 import os
 import stat
 from collections import Counter
@@ -104,3 +105,17 @@ def test_both_commands_say_where_they_write_and_eval_shows_its_progress(tmp_path
     lines = [line for line in result.stdout.splitlines() if not line.startswith("[")]  # log records
     assert lines[0] == f"run folder: {evaluation}" and lines[-1] == f"written: {evaluation / 'eval.json'}"
     assert "test episodes: 100%" in result.stderr and "8/8" in result.stderr
+
+
+def test_per_episode_accuracies_carry_no_float_noise(tmp_path):
+    from test_distributed_fused import overrides, write_folder
+
+    run = tmp_path / "run"
+    # An inner step too small to adapt: accuracies near chance, so thirds and sixths among them.
+    result = run_cli("imaml-train", *overrides(write_folder(tmp_path / "images")), "train.val_every=0",
+                     "inner_solver.lr=1e-5", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((run / "results.json").read_text())["test"]["per_episode"]
+    # 3 ways, 2 queries per class: k/6 of an episode's queries right, printed as such.
+    assert {100 * k / 6 for k in range(7)} >= set(scores) and len(scores) == 12
+    assert set(scores) - {0.0, 50.0, 100.0}

@@ -64,8 +64,14 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
         _, metrics = learner.adapt(theta, batch)
         # Under torchrun, rank 0's share times the number of ranks: an estimate of the whole.
         bar.update(min(len(metrics["post_query_loss"]) * world, episodes - bar.n))
-        per_task = metrics["post_query_accuracy"] * 100.0 if classification else metrics["post_query_loss"]
-        scores.append(per_task.double().cpu())
+        if classification:
+            # A fraction of the episode's queries, recovered exactly from float32's (whose 0.6 would
+            # print as 60.000003814697266).
+            queries = source.ways * source.queries
+            per_task = (metrics["post_query_accuracy"].double() * queries).round() * 100.0 / queries
+        else:
+            per_task = metrics["post_query_loss"].double()
+        scores.append(per_task.cpu())
     bar.close()
     if gather is not None:
         scores = gather(scores)
