@@ -225,10 +225,11 @@ def relative_error(a, b):
     return (tree.norm(tree.add(a, b, -1.0)) / tree.norm(b)).item()
 
 
-@pytest.mark.parametrize("algorithm, inner", [
-    ("imaml", GradientDescent(4, 0.1)), ("imaml", NewtonCG(2, 3)), ("maml", GradientDescent(3, 0.1)),
-    ("fomaml", GradientDescent(3, 0.1)), ("reptile", GradientDescent(3, 0.1))])
-def test_batched_equals_per_task_loop(algorithm, inner):
+@pytest.mark.parametrize("algorithm, inner, damping", [
+    ("imaml", GradientDescent(4, 0.1), 0.0), ("imaml", GradientDescent(4, 0.1), 0.3), ("imaml", NewtonCG(2, 3), 0.0),
+    ("maml", GradientDescent(3, 0.1), 0.0), ("fomaml", GradientDescent(3, 0.1), 0.0),
+    ("reptile", GradientDescent(3, 0.1), 0.0)])
+def test_batched_equals_per_task_loop(algorithm, inner, damping):
     # Seeded and in float64: the two paths sum in different orders, and truncated CG's stop at the
     # first non-positive curvature is discontinuous, so in float32 a draw near a tie could stop
     # one path a step earlier than the other. In float64 they agree to rounding (1e-9 leaves three
@@ -238,7 +239,7 @@ def test_batched_equals_per_task_loop(algorithm, inner):
     tasks = image_tasks(4, g)
     model = TaskModel(net, "classification")
     # λ ≠ 1: at λ = 1, a path that used 1/λ for λ would agree with the other.
-    kwargs = dict(algorithm=algorithm, inner=inner, lam=0.5, cg_steps=3)
+    kwargs = dict(algorithm=algorithm, inner=inner, lam=0.5, cg_steps=3, cg_damping=damping)
     batched, batched_metrics = MetaLearner(model, **kwargs).meta_gradient(model.parameters(), tasks)
     looped, looped_metrics = MetaLearner(model, vectorize=False, **kwargs).meta_gradient(model.parameters(), tasks)
     assert relative_error(batched, looped) < 1e-9
