@@ -176,7 +176,7 @@ def to_container(cfg: DictConfig) -> dict:
 def unknown_key(key: str, known) -> UserError:
     """The error for a key the config does not have, naming the closest one it has."""
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    fix = f"did you mean {close[0]}?" if close else "the README's configuration table lists every key"
+    fix = f"did you mean {close[0]}?" if close else "docs/configuration.md lists every key"
     return UserError(f"unknown config key '{key}'; {fix}")
 
 

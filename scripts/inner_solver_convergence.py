@@ -9,9 +9,9 @@ the first solver's.
     python scripts/inner_solver_convergence.py ~/imaml-runs/5w1s_imaml_gd/checkpoints/last.pt \
         --root ../shared/data/omniglot --gd 16 --hf 1 2 3 5 8
 
-It chose the presets' `inner_steps.hf` (README, configuration). ``--init`` takes θ at the
+It chose the presets' `inner_steps.hf` (docs/results.md). ``--init`` takes θ at the
 initialisation the checkpoint's config draws (its ``train.seed``) instead of the checkpoint's
-parameters: where the iMAML-HF run went astray (README, Results).
+parameters: where the iMAML-HF run went astray (docs/results.md).
 """
 
 import argparse
