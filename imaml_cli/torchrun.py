@@ -30,7 +30,7 @@ def rank_argv(argv: list[str], environ: Mapping[str, str]) -> list[str]:
         return argv
     if "-m" in argv or "--multirun" in argv:
         raise UserError("-m (sweeps) cannot run under torchrun, which trains one run on several GPUs; "
-                        "sweep with imaml-train -m hydra/launcher=submitit_slurm (docs/scaling-out.md, "SLURM")")
+                        "sweep with imaml-train -m hydra/launcher=submitit_slurm (docs/scaling-out.md, SLURM)")
     return [*argv, *QUIET_RANK] if is_quiet_rank(environ) else argv
 
 
