@@ -117,6 +117,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.resume": _optional_str(),
     "train.max_bad_steps": _int(1),
     "train.progress": _bool(),
+    "train.curvature_tasks": _int(0),
+    "train.power_iterations": _int(1),
     "eval.episodes": _int(1),
     "eval.queries": _optional_int(1),
     "eval.split": _choice("train", "val", "test"),

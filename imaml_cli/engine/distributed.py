@@ -75,6 +75,13 @@ class Distributed:
             dist.all_reduce(value)
         return tensors
 
+    def maximum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The largest of the ranks' values, per entry (in place when distributed)."""
+        if self.world > 1:
+            for value in tensors.values():
+                dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return tensors
+
     def largest(self, value: int) -> int:
         """The largest of the ranks' values: a signal that reached any rank stops all at the same step."""
         if self.world == 1:

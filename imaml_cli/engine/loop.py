@@ -4,6 +4,7 @@
 Resuming is automatic: a run directory that holds ``checkpoints/last.pt`` continues from it.
 """
 
+import collections
 import logging
 import math
 import signal
@@ -29,7 +30,14 @@ log = logging.getLogger("imaml")
 # inner_solver.steps, which is compared itself.
 RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
                      "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.split", "eval.batch_size",
-                     "inner_steps.gd", "inner_steps.hf", "perf.task_groups")
+                     "inner_steps.gd", "inner_steps.hf", "perf.task_groups", "train.curvature_tasks",
+                     "train.power_iterations")
+# Per-task metrics whose largest value over the meta-batch is logged beside the mean.
+PEAK_METRICS = ("inner_grad_norm",)
+# The measurements of iMAML's assumptions that results.json reports, averaged over the last
+# meta-steps of the run (README: "Is the inner problem solved?").
+ASSUMPTIONS = ("inner_grad_norm", "inner_grad_norm_max", "cg_residual", "cg_negative_curvature")
+ASSUMPTIONS_WINDOW = 100
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
 
@@ -193,6 +201,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         components.build_source(config, "val", device, evaluation=True) if tcfg["val_every"] else None))
 
     step, best, best_step, bad_steps, skipped, elapsed = 0, None, None, 0, 0, 0.0
+    recent = collections.deque(maxlen=ASSUMPTIONS_WINDOW)  # each meta-step's ASSUMPTIONS
+    curvature = None  # the last validation's top Hessian eigenvalue at φ (median over tasks)
     if resumed is not None:
         load_params(network, resumed, tcfg["resume"] or last_path)
         if "optimizer" in resumed:
@@ -235,6 +245,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                 grads, metrics = learner.meta_gradient(params, batch)
                 grads = world.average(grads, local, total)
                 summary = world.average({k: v.float().mean() for k, v in metrics.items()}, local, total)
+                summary.update(world.maximum({f"{k}_max": metrics[k].float().max() for k in PEAK_METRICS
+                                              if k in metrics}))
                 grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
                 finite = torch.isfinite(grad_norm) and all(torch.isfinite(v) for v in summary.values())
                 if finite:
@@ -252,6 +264,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                 elapsed += seconds
                 if world.is_main:
                     summary = {k: v.item() for k, v in summary.items()}
+                    recent.append({k: summary[k] for k in ASSUMPTIONS if k in summary})
                     progress.update(1)
                     progress.set_postfix(_postfix(summary, best), refresh=False)
                     if step % tcfg["log_every"] == 0 or step == tcfg["meta_steps"]:
@@ -269,9 +282,15 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                     improved = best is None or (result.mean > best if higher_is_better else result.mean < best)
                     if improved:
                         best, best_step = result.mean, step
+                    if tcfg["curvature_tasks"] and world.is_main:
+                        tasks = val_source.sample(tcfg["curvature_tasks"],
+                                                  torch.Generator().manual_seed(config["eval"]["seed"]))
+                        curvature = learner.top_hessian_eigenvalue(params, tasks, tcfg["power_iterations"]).median().item()
                     if world.is_main:
                         tb.scalars("val", {result.metric: result.mean, f"{result.metric}_ci95": result.ci95,
-                                          "train_seconds": elapsed}, step)
+                                          "train_seconds": elapsed,
+                                          **({"top_hessian_eigenvalue": curvature} if curvature is not None else {})},
+                                   step)
                         progress.set_postfix(_postfix(summary, best), refresh=False)
                         log.info("meta-step %d: %s", step, result.line())
                     if improved:
@@ -287,12 +306,15 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
             checkpoint(last_path)
     finally:
         progress.close()
+    assumptions = {k: sum(r[k] for r in recent) / len(recent) for k in ASSUMPTIONS if recent and k in recent[-1]}
+    if curvature is not None:
+        assumptions["top_hessian_eigenvalue"] = curvature
     return _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
-                   best_path, results_path, device)
+                   best_path, results_path, device, assumptions)
 
 
 def _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
-            best_path, results_path, device) -> float:
+            best_path, results_path, device, assumptions: dict) -> float:
     """Test the best checkpoint (the last state when no validation ran) and write results.json."""
     used = "last"
     if best_path.exists():
@@ -308,7 +330,8 @@ def _finish(config, learner, network, params, best, best_step, step, elapsed, sk
         report(result.line(), f"{result.line()} (checkpoint: {used})")
         write_json(results_path, {"test": result.to_dict(), "score": score, "best_val": best,
                                   "best_step": best_step, "meta_steps": step, "checkpoint": used,
-                                  "wall_clock_s": elapsed, "skipped_steps": skipped})
+                                  "wall_clock_s": elapsed, "skipped_steps": skipped,
+                                  "assumptions": {"last_meta_steps": ASSUMPTIONS_WINDOW, **assumptions}})
         tb.hparams(flat_hparams(config), {f"hparam/{result.split}_{result.metric}": result.mean,
                                           **({"hparam/val_best": best} if best is not None else {})})
         tb.close()
@@ -328,6 +351,8 @@ def _postfix(summary: dict, best) -> dict:
     out = {"loss": f"{summary.get('post_query_loss', math.nan):.3f}"}
     if "post_query_accuracy" in summary:
         out["acc"] = f"{100 * summary['post_query_accuracy']:.1f}"
+    if "inner_grad_norm" in summary:  # how far φ is from the inner problem's minimiser
+        out["|∇G|"] = f"{summary['inner_grad_norm']:.3f}"
     if best is not None:
         out["val"] = f"{best:.2f}" if "post_query_accuracy" in summary else f"{best:.4f}"
     return out

@@ -169,8 +169,10 @@ class MetaLearner:
         fused = self._fused_model()
         with torch.no_grad():
             if fused is not None:
+                # The support targets serve the gradient at φ that inner_grad_norm needs.
                 return self._fused_metrics(fused, fused.to_internal(theta), fused.to_internal(tree.detach(phi)),
-                                           fused.prepare(tasks.support_x), fused.prepare(tasks.query_x), tasks, {})
+                                           fused.prepare(tasks.support_x, tasks.support_y), fused.prepare(tasks.query_x),
+                                           tasks, {})
 
             def one_task(phi, xs, ys, xq, yq):
                 out = {}
@@ -180,15 +182,22 @@ class MetaLearner:
                         out[f"{stage}_{split}_loss"] = loss
                         if accuracy is not None:
                             out[f"{stage}_{split}_accuracy"] = accuracy
+                if self.algorithm == "imaml":
+                    out["inner_grad_norm"] = self._inner_grad_norm(grad(self.model.loss)(phi, xs, ys), phi, theta, 0)
                 return out
 
             return self._map(one_task, tree.detach(phi), *tasks)
 
     def _fused_metrics(self, fused, theta, phi, support, query, tasks: TaskBatch, known: dict):
         """``metrics`` from the outputs of the fused network; ``known`` holds outputs (named
-        stage_split) that the meta-step already computed."""
+        stage_split) and the support-loss gradients at φ (post_support_gradient) that the meta-step
+        already computed."""
         params = {"pre": {k: v.expand(len(tasks.support_x), *v.shape) for k, v in theta.items()}, "post": phi}
         metrics = {}
+        if self.algorithm == "imaml":
+            if "post_support_gradient" not in known:
+                known["post_support"], known["post_support_gradient"] = fused.outputs_and_gradient(phi, support)
+            metrics["inner_grad_norm"] = self._inner_grad_norm(known["post_support_gradient"], phi, params["pre"], 1)
         # Batched rather than vmapped: the fused path runs in task groups on concurrent threads,
         # which vmap does not allow.
         for stage in ("pre", "post"):
@@ -199,6 +208,31 @@ class MetaLearner:
                 if self.model.kind == "classification":
                     metrics[f"{name}_accuracy"] = self.model.accuracy_of_outputs(out, y)
         return metrics
+
+    def _inner_grad_norm(self, support_grad: Params, phi: Params, theta: Params, batch_dims: int) -> torch.Tensor:
+        """‖∇L̂(φ) + λ(φ − θ)‖: 0 at the minimiser of the inner problem, where the implicit gradient is exact."""
+        return tree.norm(tree.add(support_grad, tree.add(phi, theta, -1.0), self.lam), batch_dims)
+
+    def top_hessian_eigenvalue(self, theta: Params, tasks: TaskBatch, iterations: int) -> torch.Tensor:
+        """Per task, the Rayleigh quotient after ``iterations`` steps of power iteration (from the
+        all-ones vector) on the support loss' Hessian at the adapted φ: its eigenvalue of largest
+        magnitude, how sharp the inner problem is where the meta-gradient is taken. Gradient descent
+        at step size lr is stable on the proximal objective only below about 2/lr − λ."""
+        theta = tree.detach(theta)
+        phi, _ = self.adapt(theta, tasks)
+        fused = self._fused_model()
+        with self._precision(theta), torch.no_grad():
+            if fused is not None:
+                support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
+                phi = fused.to_internal(phi)
+                _, hessian = fused.outputs_and_hessian(phi, support)
+                return _power_iteration(hessian, phi, iterations, batch_dims=1)
+
+            def one_task(phi, xs, ys):
+                hessian = hessian_operator(lambda p: self.model.loss(p, xs, ys), phi, "forward_over_reverse")
+                return _power_iteration(hessian, phi, iterations, batch_dims=0)
+
+            return self._map(one_task, tree.detach(phi), tasks.support_x, tasks.support_y)
 
     def _precision(self, theta: Params):
         return matmul_precision(self.precision, next(iter(theta.values())).device)
@@ -293,8 +327,11 @@ class MetaLearner:
         else:
             meta_grad, residual, taken = conjugate_gradient(matvec, query_grad, self.cg_steps,
                                                             self.cg_stop_at_negative_curvature, batch_dims)
-        return meta_grad, {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims)),
-                           "cg_steps": taken}
+        extra = {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims)), "cg_steps": taken}
+        if self.cg_solver == "cg" and self.cg_stop_at_negative_curvature:
+            # The matrix is not the positive definite one the theory assumes at a minimiser.
+            extra["cg_negative_curvature"] = (taken < self.cg_steps).to(residual.dtype)
+        return meta_grad, extra
 
     def _fused_meta_gradient(self, fused, theta: Params, tasks: TaskBatch):
         """The per-task meta-gradients and the metrics, all tasks at once through ``fused``."""
@@ -311,7 +348,8 @@ class MetaLearner:
         else:
             known["post_query"], grads = fused.outputs_and_gradient(phi, query)
             if self.algorithm == "imaml":
-                known["post_support"], hessian = fused.outputs_and_hessian(phi, support)
+                known["post_support"], known["post_support_gradient"], hessian = fused.outputs_gradient_and_hessian(
+                    phi, support)
                 grads, extra = self._solve(hessian, grads, batch_dims=1)
         metrics = self._fused_metrics(fused, theta_i, phi, support, query, tasks, known)
         metrics.update(extra)
@@ -332,3 +370,15 @@ class MetaLearner:
         tasks = len(torch.utils._pytree.tree_leaves(per_task_args)[0])
         results = [fn(*torch.utils._pytree.tree_map(lambda a: a[t], per_task_args)) for t in range(tasks)]
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *results)
+
+
+def _power_iteration(matvec: Callable[[Params], Params], like: Params, iterations: int, batch_dims: int) -> torch.Tensor:
+    """The Rayleigh quotient vᵀAv of the unit v after ``iterations`` power steps from all ones."""
+    v = {k: torch.ones_like(x) for k, x in like.items()}
+    rayleigh = torch.zeros(())
+    for _ in range(iterations):
+        v = tree.add(tree.zeros_like(v), v, 1.0 / tree.norm(v, batch_dims))
+        product = matvec(v)
+        rayleigh = tree.dot(v, product, batch_dims)
+        v = product
+    return rayleigh
