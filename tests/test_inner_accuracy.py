@@ -113,3 +113,28 @@ def test_a_run_logs_the_measurements_and_reports_them(tmp_path):
     assert assumptions["inner_grad_norm_max"] == pytest.approx(sum(peak) / 4, rel=1e-6)
     assert assumptions["top_hessian_eigenvalue"] == pytest.approx(events.Scalars("val/top_hessian_eigenvalue")[-1].value)
     assert {"cg_residual", "cg_negative_curvature", "last_meta_steps"} <= set(assumptions)
+
+
+def test_evaluation_reports_the_median_inner_grad_norm(tmp_path):
+    from imaml_cli.engine.evaluation_run import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    train(compose(QUICK), run)
+    overrides = [f"checkpoint={run}", "eval.episodes=6", "eval.batch_size=4"]
+    evaluate_checkpoint(compose(overrides, config_name="eval"), overrides, tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    # The same episodes adapted again through the learner: the median of the per-task norms.
+    from imaml_cli.data import fixed_episodes
+    from imaml_cli.engine import components
+    from imaml_cli.engine.checkpoint import load_checkpoint, load_params
+    from imaml_cli.config import validate
+
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    config = validate(compose(QUICK))
+    network = components.build_network(config, torch.device("cpu"))
+    load_params(network, state, "best.pt")
+    learner = components.build_learner(config, network, torch.device("cpu"))
+    source = components.build_source(config, "test", torch.device("cpu"), evaluation=True)
+    norms = torch.cat([learner.adapt(dict(network.named_parameters()), batch)[1]["inner_grad_norm"]
+                       for batch in fixed_episodes(source, 6, 0, 4)])
+    assert report["inner_grad_norm_median"] == pytest.approx(norms.median().item(), rel=1e-6)

@@ -21,6 +21,9 @@ class EvalResult:
     shots: int
     per_episode: list[float]
     queries: int | None = None  # query examples per class (per task for regression); None in older results
+    # iMAML: the median over episodes of ‖∇G(φ)‖, how far adaptation left φ from the inner
+    # problem's minimiser (README, "Is the inner problem solved?"); None for the other algorithms.
+    inner_grad_norm_median: float | None = None
 
     def line(self) -> str:
         protocol = f"{self.shots}-shot"
@@ -53,7 +56,7 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
     """
     classification = source.kind == "classification"
     rank, world = shard
-    scores = []
+    scores, inner_grad_norms = [], []
     from tqdm import tqdm
 
     bar = tqdm(total=episodes, desc=f"{split} episodes", unit="episode", dynamic_ncols=True, disable=not progress,
@@ -72,11 +75,14 @@ def evaluate(learner: MetaLearner, theta: Params, source, *, episodes: int, seed
         else:
             per_task = metrics["post_query_loss"].double()
         scores.append(per_task.cpu())
+        if "inner_grad_norm" in metrics:
+            inner_grad_norms.append(metrics["inner_grad_norm"].double().cpu())
     bar.close()
     if gather is not None:
-        scores = gather(scores)
+        scores, inner_grad_norms = gather(scores), gather(inner_grad_norms)
     values = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
     std = values.std(correction=1).item() if len(values) > 1 else 0.0
     return EvalResult("accuracy" if classification else "mse", values.mean().item(),
                       1.96 * std / math.sqrt(max(len(values), 1)), len(values), split,
-                      getattr(source, "ways", 1), source.shots, values.tolist(), source.queries)
+                      getattr(source, "ways", 1), source.shots, values.tolist(), source.queries,
+                      torch.cat(inner_grad_norms).median().item() if inner_grad_norms else None)
