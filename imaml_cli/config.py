@@ -97,6 +97,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_solver.steps": _int(1),
     "inner_solver.lr": _number(0, inclusive=False),
     "inner_solver.backtrack": _bool(),
+    "inner_solver.tol": _number(0, inclusive=True),
     "inner_solver.cg_steps": _int(1),
     "cg.steps": _int(1),
     "cg.damping": _number(0, inclusive=True),
@@ -220,6 +221,10 @@ def _check_combinations(c: dict[str, Any]) -> None:
     if c["algorithm.name"] != "imaml" and c["inner_solver.name"] != "gd":
         raise UserError(f"algorithm={c['algorithm.name']} adapts by gradient descent; "
                         "use inner_solver=gd (hf is for imaml)")
+    if (c["inner_solver.tol"] > 0 and c["inner_solver.name"] == "gd"
+            and not (c["inner_solver.backtrack"] and c["algorithm.name"] == "imaml")):
+        raise UserError("inner_solver.tol steers iMAML's backtracking gradient descent; "
+                        "use it with algorithm=imaml and inner_solver.backtrack=true")
     if dataset == "image_folder":
         _check_image_folder(c)
     if (c["perf.hvp"] == "reverse_over_reverse" and c.get("model.conv_impl") == "native" and c["perf.vectorize"]

@@ -138,3 +138,100 @@ def test_evaluation_reports_the_median_inner_grad_norm(tmp_path):
     norms = torch.cat([learner.adapt(dict(network.named_parameters()), batch)[1]["inner_grad_norm"]
                        for batch in fixed_episodes(source, 6, 0, 4)])
     assert report["inner_grad_norm_median"] == pytest.approx(norms.median().item(), rel=1e-6)
+
+
+# The inner solver to a tolerance: quadratic tasks, whose minimiser is known.
+
+def quadratic_batch(generator, lam):
+    from test_meta_gradient import quadratic_tasks
+
+    a, b, theta = quadratic_tasks(generator)
+    expected = torch.linalg.solve(a + lam * torch.eye(6, dtype=torch.float64), b + lam * theta["w"])
+    return a, b, theta, expected
+
+
+def solve_both_ways(solver, a, b, theta, lam):
+    from torch.func import vmap
+
+    from test_meta_gradient import quadratic_loss
+
+    per_task = vmap(lambda a, b: solver(quadratic_loss(a, b), theta, lam)["w"])(a, b)
+    batched = solver.batched(lambda p: ({"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b},
+                                        vmap(lambda a, b, w: quadratic_loss(a, b)({"w": w}))(a, b, p["w"])),
+                             theta, lam, len(a))
+    return per_task, batched["w"]
+
+
+def proximal_norms(a, b, theta, lam, phi):
+    return ((a @ phi.unsqueeze(-1)).squeeze(-1) - b + lam * (phi - theta["w"])).norm(dim=-1)
+
+
+def test_gd_to_a_tolerance_stops_each_task_once_its_proximal_gradient_is_below_it():
+    lam, tol = 2.0, 1e-3
+    a, b, theta, expected = quadratic_batch(torch.Generator().manual_seed(4), lam)
+    # lr 1.0 overshoots (A + λI reaches 12): backtracking halves it to a stable step.
+    solver = GradientDescent(400, 1.0, backtrack=True, tol=tol)
+    per_task, batched = solve_both_ways(solver, a, b, theta, lam)
+    torch.testing.assert_close(per_task, batched, rtol=1e-12, atol=1e-12)
+    assert (proximal_norms(a, b, theta, lam, batched) <= tol).all()
+    # Every task stopped there, and the batched solve ended once all had: far fewer than 400
+    # gradient evaluations, where the exact minimiser is further on.
+    calls = []
+
+    def gradient(p):
+        calls.append(1)
+        return ({"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b},
+                0.5 * (p["w"].unsqueeze(1) @ a @ p["w"].unsqueeze(-1)).flatten() - (b * p["w"]).sum(-1))
+
+    solver.batched(gradient, theta, lam, len(a))
+    assert len(calls) < 100
+    assert ((batched - expected).norm(dim=-1) > 1e-7).all()
+
+
+def test_defaults_leave_the_backtracking_solver_as_it_was():
+    """tol = 0 takes the same steps as the solver before it existed: halve on every undone step,
+    run every step (written out here by hand)."""
+    lam, lr, steps = 2.0, 1.0, 12
+    a, b, theta, _ = quadratic_batch(torch.Generator().manual_seed(8), lam)
+    _, batched = solve_both_ways(GradientDescent(steps, lr, backtrack=True), a, b, theta, lam)
+    for t in range(len(a)):
+        def objective(w):
+            return 0.5 * w @ a[t] @ w - b[t] @ w + lam / 2 * (w - theta["w"]).square().sum()
+
+        w, step = theta["w"].clone(), lr
+        for _ in range(steps - 1):
+            candidate = w - step * (a[t] @ w - b[t] + lam * (w - theta["w"]))
+            if objective(candidate) <= objective(w):
+                w = candidate
+            else:
+                step /= 2
+        torch.testing.assert_close(batched[t], w, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tolerance_needs_backtracking():
+    with pytest.raises(ValueError, match="tol needs backtrack"):
+        GradientDescent(3, 0.1, tol=0.01)
+
+
+def test_imaml_eval_adapts_an_old_checkpoint_to_a_tolerance(tmp_path):
+    from imaml_cli.engine.evaluation_run import evaluate_checkpoint
+
+    # A smooth activation: a ReLU net's proximal gradient need not vanish at the inner minimiser,
+    # which sits on a kink (docs/results.md, "How far the inner solve gets").
+    run = tmp_path / "run"
+    train(compose(QUICK + ["model.activation=softplus"]), run)
+    base = [f"checkpoint={run}", "eval.episodes=6", "eval.batch_size=3", "inner_solver.lr=0.1"]
+    medians = {}
+    for name, extra in (("preset", []), ("tol", ["inner_solver.tol=0.01", "inner_solver.steps=500"])):
+        evaluate_checkpoint(compose(base + extra, config_name="eval"), base + extra, tmp_path / name)
+        medians[name] = json.loads((tmp_path / name / "eval.json").read_text())["inner_grad_norm_median"]
+    assert medians["tol"] <= 0.01 < medians["preset"]
+
+
+def test_a_tolerance_is_refused_where_nothing_would_use_it():
+    from imaml_cli.config import validate
+    from imaml_cli.errors import UserError
+
+    with pytest.raises(UserError, match="inner_solver.tol steers iMAML's backtracking gradient descent"):
+        validate(compose(QUICK + ["algorithm=maml", "inner_solver.tol=0.1"]))
+    validate(compose(QUICK + ["inner_solver.tol=0.1"]))

@@ -52,7 +52,7 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
     if inner_cfg["name"] == "gd":
         # MAML, FOMAML and Reptile take their papers' plain steps (MAML differentiates through them).
         backtrack = inner_cfg["backtrack"] and config["algorithm"]["name"] == "imaml"
-        inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"], backtrack)
+        inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"], backtrack, inner_cfg["tol"] if backtrack else 0.0)
     else:
         inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp)
     custom = config["model"]["name"] == "custom"

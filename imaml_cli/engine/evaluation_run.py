@@ -16,10 +16,11 @@ from imaml_cli.errors import UserError
 log = logging.getLogger("imaml")
 
 GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimizer")
-# Settings that do not change what an evaluation computes: meta-training's alone (evaluation adapts
-# on the support set for every algorithm), or speed only. A checkpoint older than one of them
-# evaluates the same either way, so its absence is not worth a warning.
-NO_EFFECT_ON_EVALUATION = ("train.", "outer_optimizer.", "algorithm.alternate_query", "perf.task_groups")
+# Settings whose absence from an older checkpoint changes nothing here: meta-training's alone
+# (evaluation adapts on the support set for every algorithm), speed only, or settings whose default
+# does what the code did before they existed. Not worth a warning.
+NO_EFFECT_ON_EVALUATION = ("train.", "outer_optimizer.", "algorithm.alternate_query", "perf.task_groups",
+                           "inner_solver.tol")
 
 
 def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
