@@ -26,10 +26,13 @@ def main(argv=None) -> None:
     parser.add_argument("--root", help="dataset.root, where the checkpoint's differs")
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--gd", type=int, nargs="+", default=[16], help="GD step counts")
-    parser.add_argument("--hf", type=int, nargs="+", default=[1, 2, 3, 5, 8], help="Newton iteration counts")
+    parser.add_argument("--hf", type=int, nargs="*", default=[1, 2, 3, 5, 8], help="Newton iteration counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", action="store_true", help="θ at initialisation, not the checkpoint's")
     parser.add_argument("--power-iterations", type=int, default=30, help="for the top Hessian eigenvalue")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the checkpoint's config, as imaml-eval takes them (with --init, "
+                             "e.g. model.activation=softplus perf.fused=false: another network from the same seed)")
     args = parser.parse_args(argv)
 
     import torch
@@ -47,9 +50,9 @@ def main(argv=None) -> None:
 
     state = load_checkpoint(args.checkpoint)
     with initialize_config_module("imaml_cli.conf", version_base="1.3"):
-        defaults = compose("train")
+        defaults = compose("train", overrides=args.set)
     # As imaml-eval does: settings newer than the checkpoint take today's defaults.
-    stored = apply_overrides(OmegaConf.create(state["config"]), defaults, [])
+    stored = apply_overrides(OmegaConf.create(state["config"]), defaults, args.set)
     if args.root:
         stored.dataset.root = args.root
     config = validate(stored)
