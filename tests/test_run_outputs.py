@@ -119,3 +119,13 @@ def test_per_episode_accuracies_carry_no_float_noise(tmp_path):
     # 3 ways, 2 queries per class: k/6 of an episode's queries right, printed as such.
     assert {100 * k / 6 for k in range(7)} >= set(scores) and len(scores) == 12
     assert set(scores) - {0.0, 50.0, 100.0}
+
+
+def test_an_image_folder_run_says_how_many_classes_each_split_got(tmp_path):
+    from test_distributed_fused import overrides, write_folder
+
+    root = write_folder(tmp_path / "images")
+    result = run_cli("imaml-train", *overrides(root), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for split in ("train", "val", "test"):
+        assert f"the '{split}' split of {root / split}: 6 classes, 36 images" in result.stdout, split

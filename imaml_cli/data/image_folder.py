@@ -18,6 +18,7 @@ the channels, and rebuilt when a file in it changes; a split then picks its clas
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from PIL import Image
 from imaml_cli.data.cache import default_cache_dir, fingerprint, load_or_build
 from imaml_cli.data.episodes import SPLITS, check_split
 from imaml_cli.errors import UserError
+
+log = logging.getLogger("imaml")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = {1: "L", 3: "RGB"}
@@ -91,6 +94,9 @@ def load_image_folder(root: str | os.PathLike, split: str, *, image_size: int, c
         images = _select(images, list(counts), list(counts.values()), wanted)
         counts = {name: counts[name] for name in wanted}
     classes, sizes = list(counts), list(counts.values())
+    # Said every time: a split that got fewer classes than meant is the commonest surprise here.
+    log.info("the %r split of %s: %d classes, %d images%s", split, where, len(classes), sum(sizes),
+             " (before rotations)" if rotations else "")
     if rotations:
         images, classes, sizes = _rotate(images, classes, sizes)
     return ImageFolder(images, sizes, classes, where)
