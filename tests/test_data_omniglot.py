@@ -232,14 +232,25 @@ def test_unknown_split(tmp_path):
         load_omniglot(tmp_path, "dev", cache_dir=tmp_path / "cache")
 
 
-def test_missing_root_names_the_paths_and_where_to_get_the_data(tmp_path):
+def test_missing_data_names_the_paths_and_where_to_get_the_data(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as info:
-        load_omniglot(tmp_path / "nowhere", "val", cache_dir=tmp_path / "cache")
+        load_omniglot(tmp_path / "empty", "val", cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert "\n" not in message
-    assert str(tmp_path / "nowhere" / "images_background.zip") in message
-    assert str(tmp_path / "nowhere" / "omniglot-py" / "images_background") in message
+    assert str(tmp_path / "empty" / "images_background.zip") in message
+    assert str(tmp_path / "empty" / "omniglot-py" / "images_background") in message
     assert "github" in message and "dataset.download=true" in message
+
+
+def test_a_root_that_does_not_exist_is_named_first(tmp_path):
+    """Setting dataset.download=true alone cannot help there: downloads go only into a folder that exists."""
+    with pytest.raises(UserError) as info:
+        load_omniglot(tmp_path / "nowhere", "val", cache_dir=tmp_path / "cache")
+    assert str(info.value) == (
+        f"dataset.root={tmp_path / 'nowhere'} does not exist; create it and put images_background.zip and "
+        f"images_evaluation.zip from {omniglot.URL} there, or create it and set dataset.download=true to fetch "
+        "them into it")
 
 
 def test_characters_missing_from_the_archive(tmp_path):

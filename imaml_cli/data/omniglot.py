@@ -115,6 +115,10 @@ def _find_source(root: Path, archive: str, download: bool) -> Path:
                             f"point dataset.root at the folder that holds images_background.zip and "
                             f"images_evaluation.zip, or create it to download them there from {URL}")
         return _download(root, archive)
+    if not root.exists():
+        raise UserError(f"dataset.root={root} does not exist; create it and put images_background.zip and "
+                        f"images_evaluation.zip from {URL} there, or create it and set dataset.download=true "
+                        "to fetch them into it")
     looked = ", ".join(str(p) for p in _candidates(root, archive))
     raise UserError(f"Omniglot images_{archive} not found (looked for {looked}); put "
                     f"images_background.zip and images_evaluation.zip from {URL} into {root} "
