@@ -4,6 +4,7 @@ from it, and the README's table generated from pretrained/results.json."""
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 
@@ -111,18 +112,20 @@ def test_the_readme_table_is_the_one_results_json_gives():
 
 
 @pytest.mark.skipif(not REAL_OMNIGLOT.is_dir(), reason="needs the real Omniglot in ../shared/data/omniglot")
-def test_each_published_omniglot_row_is_reproduced_by_imaml_eval(tmp_path, real_omniglot_cache):
-    rows = json.loads((REPO / "pretrained" / "results.json").read_text()) if (
-        REPO / "pretrained" / "results.json").is_file() else []
-    rows = [r for r in rows if r["dataset"] == "omniglot"]
-    if not rows:
-        pytest.skip("no published Omniglot rows yet")
-    # The cheapest row keeps the suite short; every row is reproduced the same way.
-    row = min(rows, key=lambda r: r["ways"] * r["shots"] * r["episodes"])
-    done = run_cli("imaml-eval", f"checkpoint={row['checkpoint']}", f"dataset.root={REAL_OMNIGLOT}",
-                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=REPO, timeout=900,
-                   env={"IMAML_CACHE_DIR": str(real_omniglot_cache)})
+def test_the_readmes_pretrained_command_reproduces_its_row_as_written(tmp_path, real_omniglot_cache):
+    """The README's command, pasted into a clone that has the zips where the README says: data/omniglot."""
+    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith("imaml-eval checkpoint=pretrained/")]
+    assert len(lines) == 1, lines
+    args = shlex.split(lines[0])
+    clone = tmp_path / "clone"
+    (clone / "data").mkdir(parents=True)
+    (clone / "pretrained").symlink_to(REPO / "pretrained")
+    (clone / "data" / "omniglot").symlink_to(REAL_OMNIGLOT)
+    done = run_cli(*args, cwd=clone, timeout=900, env={"IMAML_CACHE_DIR": str(real_omniglot_cache)})
     assert done.returncode == 0, done.stderr
+    checkpoint = next(a.split("=", 1)[1] for a in args if a.startswith("checkpoint="))
+    row = next(r for r in json.loads((REPO / "pretrained" / "results.json").read_text()) if r["checkpoint"] == checkpoint)
     assert float(re.search(r"test accuracy ([0-9.]+)%", done.stdout).group(1)) == row["test_accuracy"]
 
 
