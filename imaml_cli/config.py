@@ -108,6 +108,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outer_optimizer.lr": _number(0, inclusive=False),
     "outer_optimizer.weight_decay": _number(0, inclusive=True),
     "outer_optimizer.momentum": _number(0, inclusive=True),
+    "outer_optimizer.eps": _number(0, inclusive=False),
     "train.meta_steps": _int(1),
     "train.meta_batch_size": _int(1),
     "train.seed": _int(0),

@@ -235,3 +235,15 @@ def test_a_tolerance_is_refused_where_nothing_would_use_it():
     with pytest.raises(UserError, match="inner_solver.tol steers iMAML's backtracking gradient descent"):
         validate(compose(QUICK + ["algorithm=maml", "inner_solver.tol=0.1"]))
     validate(compose(QUICK + ["inner_solver.tol=0.1"]))
+
+
+def test_adams_epsilon_comes_from_the_config():
+    from imaml_cli.config import validate
+    from imaml_cli.engine import components
+    from imaml_cli.errors import UserError
+
+    config = validate(compose(QUICK + ["outer_optimizer.eps=0.001"]))
+    optimizer = components.build_optimizer(config, [torch.zeros(2, requires_grad=True)])
+    assert optimizer.param_groups[0]["eps"] == 0.001
+    with pytest.raises(UserError, match="outer_optimizer.eps=0 is invalid"):
+        validate(compose(QUICK + ["outer_optimizer.eps=0"]))

@@ -73,7 +73,7 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
 def build_optimizer(config: dict, parameters) -> torch.optim.Optimizer:
     opt = config["outer_optimizer"]
     if opt["name"] == "adam":
-        return torch.optim.Adam(parameters, lr=opt["lr"], weight_decay=opt["weight_decay"])
+        return torch.optim.Adam(parameters, lr=opt["lr"], weight_decay=opt["weight_decay"], eps=opt["eps"])
     return torch.optim.SGD(parameters, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
 
 
