@@ -54,11 +54,12 @@ class GradientDescent:
     raises the proximal objective is undone and that task's step size halved; the result is the
     lowest point evaluated. With ``tol`` > 0, ``steps`` is a cap: a task stops once ‖∇G(φ)‖ ≤ tol
     (its later steps are zero, and the batched form ends when every task is there), so the
-    implicit gradient is taken where its assumption holds to a stated accuracy. Plain GD at a fixed step size does not converge once the loss is sharper
-    than 2/lr — on Omniglot the conv net's support-loss Hessian reaches that within a few hundred
-    meta-steps of iMAML, the inner loop diverges and training collapses — whereas the implicit
-    gradient assumes φ (approximately) minimises the inner problem. Each undone step costs the
-    same gradient evaluation a plain step would.
+    implicit gradient is taken where its assumption holds to a stated accuracy. Plain GD at a
+    fixed step size does not converge once the loss is sharper than 2/lr — on Omniglot the conv
+    net's support-loss Hessian reaches that within a few hundred meta-steps of iMAML, the inner
+    loop diverges and training collapses — whereas the implicit gradient assumes φ
+    (approximately) minimises the inner problem. Each undone step costs the same gradient
+    evaluation a plain step would.
     """
 
     steps: int
