@@ -104,6 +104,9 @@ class MetaLearner:
         check_precision(self.precision)
         if self.task_groups < 1:
             raise ValueError(f"task_groups must be >= 1, got {self.task_groups}")
+        if getattr(self.inner, "curvature", "hessian") != "hessian" and self._fused_model() is None:
+            raise ValueError("Gauss-Newton curvature runs on the fused passes only: a built-in ReLU conv net "
+                             "with fused and vectorize on")
         autograd_modes = set()
         if self._fused_model() is None:
             autograd_modes.add(getattr(self.inner, "hvp_mode", None))
@@ -273,7 +276,7 @@ class MetaLearner:
         support, support_y = batches[0]
         if isinstance(self.inner, NewtonCG):
             def linearise(params):
-                outputs, grads, hessian = fused.outputs_gradient_and_hessian(params, support)
+                outputs, grads, hessian = fused.outputs_gradient_and_hessian(params, support, self.inner.curvature)
                 known.setdefault("pre_support", outputs)
                 return grads, self.model.batched_loss_of_outputs(outputs, support_y), hessian
 

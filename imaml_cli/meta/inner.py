@@ -24,6 +24,7 @@ Loss = Callable[[Params], torch.Tensor]
 # so an iteration never increases the proximal objective, and a direction that is not finite (an
 # overflow in CG) leaves φ where it was.
 LINE_SEARCH_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+CURVATURES = ("hessian", "gauss_newton")
 
 
 def _best_step(values: torch.Tensor) -> torch.Tensor:
@@ -181,13 +182,24 @@ class NewtonCG:
 
     Each solves (∇²L̂ + λI) d = −∇ with ``cg_steps`` truncated CG steps on Hessian-vector products
     and moves along d by the line-search step with the lowest proximal objective, chosen per task.
+
+    ``curvature="gauss_newton"`` replaces ∇²L̂ by its Gauss-Newton part Jᵀ∇²ℓJ (Martens 2010):
+    positive semi-definite, so every direction descends, and free of the network's second-order
+    terms, which jump at a ReLU's kinks. Only the batched form (the fused passes) offers it.
     """
 
     steps: int
     cg_steps: int
     hvp_mode: str = "reverse_over_reverse"
+    curvature: str = "hessian"
+
+    def __post_init__(self):
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {self.curvature!r}; expected one of {CURVATURES}")
 
     def __call__(self, loss: Loss, theta: Params, lam: float) -> Params:
+        if self.curvature != "hessian":
+            raise ValueError("Gauss-Newton curvature runs on the fused passes only (built-in ReLU conv nets)")
         objective = proximal(loss, theta, lam)
         phi = theta
         for _ in range(self.steps):

@@ -177,9 +177,13 @@ class FusedConvNet:
         logits, _, hessian = self.outputs_gradient_and_hessian(params, batch)
         return logits, hessian
 
-    def outputs_gradient_and_hessian(self, params: Params, batch: Batch) -> tuple[
+    def outputs_gradient_and_hessian(self, params: Params, batch: Batch, curvature: str = "hessian") -> tuple[
             torch.Tensor, Params, Callable[[Params], Params]]:
         """``outputs_and_hessian`` and the per-task loss gradients, which its backward pass yields.
+
+        ``curvature="gauss_newton"`` gives v ↦ Jᵀ ∇²ℓ J v instead (J the Jacobian of the outputs,
+        ∇²ℓ the loss' Hessian in the outputs): the Hessian without the network's second-order terms,
+        positive semi-definite for the cross-entropy and squared losses.
 
         The gradients share memory with what the products read: do not update them in place."""
         logits, cache = self._forward(params, batch)
@@ -189,6 +193,8 @@ class FusedConvNet:
         # mask is 1.5x faster than threshold_backward and 5x faster than by a bool mask on CPU.
         for layer in cache["layers"]:
             layer["mask"] = (layer["out"] > 0).to(layer["out"].dtype)
+        if curvature == "gauss_newton":
+            return logits, grads, lambda vector: self._gauss_newton_product(params, batch, cache, vector, batch.workspace)
         return logits, grads, lambda vector: self._hessian_vector_product(params, batch, cache, vector, batch.workspace)
 
     def _loss_derivative(self, logits, batch: Batch, cache) -> torch.Tensor:
@@ -287,12 +293,19 @@ class FusedConvNet:
             layer.update(g=g, d_beta=d_beta, d_gamma=d_gamma)
         return {k: grads[k] for k in params}
 
-    def _hessian_vector_product(self, params: Params, batch: Batch, cache, v: Params,
-                                workspace: _Workspace | None = None) -> Params:
-        """The tangent of ``_backward(_forward(params))`` along ``v``; a prefix t_ marks tangents."""
+    def _gauss_newton_product(self, params: Params, batch: Batch, cache, v: Params,
+                              workspace: _Workspace | None = None) -> Params:
+        """Jᵀ ∇²ℓ J v: the outputs' tangent along ``v``, times the loss' Hessian, pulled back by
+        the plain backward pass at ``params``."""
+        _, t_d_logits = self._outputs_tangent(params, batch, cache, v, workspace)
+        return self._backward(params, batch, t_d_logits, cache, keep=False, workspace=workspace)
+
+    def _outputs_tangent(self, params: Params, batch: Batch, cache, v: Params,
+                         workspace: _Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward tangent along ``v`` (kept in ``cache`` for the Hessian's backward): the
+        features' tangent and ∇²ℓ times the outputs' tangent."""
         t = batch.patches_t.shape[0]
         layers = cache["layers"]
-        hv: Params = {}
 
         # Forward. First layer: y = γ r (P − mean)·w + β with r = (wᵀΣw + ε)^(-1/2), linear in P.
         first, layer = self.blocks[0], layers[0]
@@ -329,7 +342,8 @@ class FusedConvNet:
             t_a = self._pool_tangent(b, t_out, layer)
 
         # The loss' derivative with respect to the outputs, and its tangent.
-        features, t_features = cache["features"], t_a.reshape(cache["features"].shape)
+        t_features = t_a.reshape(cache["features"].shape)
+        features = cache["features"]
         t_logits = torch.baddbmm(v["head.bias"].unsqueeze(1), t_features, params["head.weight"].transpose(1, 2))
         t_logits.baddbmm_(features, v["head.weight"].transpose(1, 2))
         if self.kind == "classification":
@@ -338,6 +352,18 @@ class FusedConvNet:
             t_d_logits.sub_(probs * t_d_logits.sum(-1, keepdim=True)).div_(batch.images)
         else:
             t_d_logits = t_logits.mul_(2.0 / t_logits[0].numel())
+        return t_features, t_d_logits
+
+    def _hessian_vector_product(self, params: Params, batch: Batch, cache, v: Params,
+                                workspace: _Workspace | None = None) -> Params:
+        """The tangent of ``_backward(_forward(params))`` along ``v``; a prefix t_ marks tangents."""
+        t_features, t_d_logits = self._outputs_tangent(params, batch, cache, v, workspace)
+        t = batch.patches_t.shape[0]
+        layers = cache["layers"]
+        features = cache["features"]
+        first = self.blocks[0]
+        w1, t_w1 = params[first["weight"]], v[first["weight"]]
+        hv: Params = {}
 
         # Backward.
         d_logits = cache["d_logits"]

@@ -1,0 +1,115 @@
+"""iMAML-HF with Gauss-Newton curvature: the fused product Jᵀ∇²ℓJ v against autograd, and Newton-CG
+on it against the same iterations written out with a dense matrix."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+
+from imaml_cli.meta import tree
+from imaml_cli.meta.algorithms import MetaLearner
+from imaml_cli.meta.inner import LINE_SEARCH_STEPS, GradientDescent, NewtonCG
+from imaml_cli.meta.task import TaskModel
+from test_meta_gradient import image_tasks, small_convnet
+
+LAM = 0.5
+
+
+def autograd_gauss_newton(net, params, x, y, v):
+    """J v by forward mode, ∇²ℓ by autograd on the cross-entropy of the outputs, Jᵀ by reverse mode."""
+    def outputs(p):
+        return functional_call(net, p, (x,))
+
+    out, jv = jvp(outputs, (params,), (v,))
+    _, pullback = vjp(outputs, params)
+    loss_hessian_jv = torch.autograd.functional.hvp(lambda o: nn.functional.cross_entropy(o, y), out, jv)[1]
+    return pullback(loss_hessian_jv)[0]
+
+
+def test_the_fused_gauss_newton_product_is_jt_h_j():
+    net = small_convnet()
+    tasks = image_tasks(2, torch.Generator().manual_seed(11))
+    fused = TaskModel(net, "classification").fused
+    g = torch.Generator().manual_seed(12)
+    params = {k: v.detach() + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in net.named_parameters()}
+    batched = {k: v.expand(2, *v.shape).clone() for k, v in params.items()}
+    v = {k: torch.randn(2, *p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
+    support = fused.prepare(tasks.support_x, tasks.support_y, reuse=True)
+    _, _, product = fused.outputs_gradient_and_hessian(fused.to_internal(batched), support, "gauss_newton")
+    got = fused.from_internal(product(fused.to_internal(v)))
+    _, _, hessian = fused.outputs_gradient_and_hessian(fused.to_internal(batched), support)
+    exact = fused.from_internal(hessian(fused.to_internal(v)))
+    for t in range(2):
+        expected = autograd_gauss_newton(net, params, tasks.support_x[t], tasks.support_y[t],
+                                         {k: x[t] for k, x in v.items()})
+        for k in params:
+            torch.testing.assert_close(got[k][t], expected[k], rtol=1e-9, atol=1e-11)
+        # Not the Hessian: the network's second-order terms are what it leaves out.
+        assert tree.norm(tree.add({k: x[t] for k, x in got.items()}, {k: x[t] for k, x in exact.items()}, -1.0)) > 1e-3
+
+
+def test_newton_cg_on_gauss_newton_takes_the_steps_written_out_densely():
+    """Each iteration: d solves (G + λI) d = −∇G(φ) (CG with as many steps as parameters: exact),
+    then the first of the line-search steps with the lowest proximal objective."""
+    net = small_convnet()
+    tasks = image_tasks(2, torch.Generator().manual_seed(13))
+    model = TaskModel(net, "classification")
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    size = sum(v.numel() for v in theta.values())
+    inner = NewtonCG(steps=2, cg_steps=size + 5, curvature="gauss_newton")
+    phi, _ = MetaLearner(model, "imaml", inner, lam=LAM).adapt(theta, tasks)
+
+    names = list(theta)
+    flat_theta = torch.cat([theta[k].flatten() for k in names])
+
+    def unflat(vector):
+        out, start = {}, 0
+        for k in names:
+            out[k] = vector[start:start + theta[k].numel()].view(theta[k].shape)
+            start += theta[k].numel()
+        return out
+
+    for t in range(2):
+        x, y = tasks.support_x[t], tasks.support_y[t]
+
+        def objective(vector):
+            return (nn.functional.cross_entropy(functional_call(net, unflat(vector), (x,)), y)
+                    + LAM / 2 * (vector - flat_theta).square().sum())
+
+        w = flat_theta.clone()
+        for _ in range(inner.steps):
+            basis = torch.eye(size, dtype=w.dtype)
+            gauss_newton = torch.stack([torch.cat([c.flatten() for c in autograd_gauss_newton(
+                net, unflat(w), x, y, unflat(e)).values()]) for e in basis])
+            gradient = torch.autograd.functional.jacobian(objective, w)
+            d = torch.linalg.solve(gauss_newton + LAM * torch.eye(size, dtype=w.dtype), -gradient)
+            values = torch.stack([objective(w + s * d) for s in LINE_SEARCH_STEPS])
+            w = w + LINE_SEARCH_STEPS[int(values.argmin())] * d
+        torch.testing.assert_close(torch.cat([phi[k][t].flatten() for k in names]), w, rtol=1e-6, atol=1e-8)
+        assert (w - flat_theta).norm() > 1e-2  # the iterations moved
+
+
+def test_gauss_newton_needs_the_fused_passes():
+    with pytest.raises(ValueError, match="fused passes only"):
+        MetaLearner(TaskModel(small_convnet(), "classification"), "imaml",
+                    NewtonCG(2, 3, curvature="gauss_newton"), lam=LAM, fused=False)
+    with pytest.raises(ValueError, match="unknown curvature"):
+        NewtonCG(2, 3, curvature="fisher")
+    assert GradientDescent(2, 0.1)  # the GD solver has no curvature to choose
+
+
+def test_the_config_offers_gauss_newton_where_it_runs():
+    from conftest import QUICK, compose
+    from imaml_cli.config import validate
+    from imaml_cli.engine import components
+    from imaml_cli.errors import UserError
+
+    config = validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "inner_solver.curvature=gauss_newton"]))
+    network = components.build_network(config, torch.device("cpu"))
+    assert components.build_learner(config, network, torch.device("cpu")).inner.curvature == "gauss_newton"
+    with pytest.raises(UserError, match="curvature=gauss_newton runs on the fused passes only"):
+        validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "inner_solver.curvature=gauss_newton",
+                          "perf.fused=false"]))
+    with pytest.raises(UserError, match="curvature=gauss_newton runs on the fused passes only"):
+        validate(compose(QUICK + ["inner_solver=hf", "inner_solver.curvature=gauss_newton",
+                                  "model=custom", "model._target_=torch.nn.Linear"]))
