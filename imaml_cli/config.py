@@ -100,6 +100,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_solver.tol": _number(0, inclusive=True),
     "inner_solver.cg_steps": _int(1),
     "inner_solver.curvature": _choice("hessian", "gauss_newton"),
+    "inner_solver.lm_damping": _number(0, inclusive=True),
     "cg.steps": _int(1),
     "cg.damping": _number(0, inclusive=True),
     "cg.stop_at_negative_curvature": _bool(),
@@ -227,10 +228,12 @@ def _check_combinations(c: dict[str, Any]) -> None:
             and not (c["inner_solver.backtrack"] and c["algorithm.name"] == "imaml")):
         raise UserError("inner_solver.tol steers iMAML's backtracking gradient descent; "
                         "use it with algorithm=imaml and inner_solver.backtrack=true")
-    if (c["inner_solver.name"] == "hf" and c["inner_solver.curvature"] == "gauss_newton"
+    batched_only = c["inner_solver.curvature"] == "gauss_newton" or c["inner_solver.lm_damping"] > 0
+    if (c["inner_solver.name"] == "hf" and batched_only
             and (model == "custom" or not (c["perf.fused"] and c["perf.vectorize"]))):
-        raise UserError("inner_solver.curvature=gauss_newton runs on the fused passes only; use a built-in conv net "
-                        "with perf.fused=true and perf.vectorize=true, or inner_solver.curvature=hessian")
+        raise UserError("inner_solver.curvature=gauss_newton and inner_solver.lm_damping run on the fused passes only; "
+                        "use a built-in conv net with perf.fused=true and perf.vectorize=true, or "
+                        "inner_solver.curvature=hessian and inner_solver.lm_damping=0")
     if dataset == "image_folder":
         _check_image_folder(c)
     if (c["perf.hvp"] == "reverse_over_reverse" and c.get("model.conv_impl") == "native" and c["perf.vectorize"]

@@ -89,10 +89,60 @@ def test_newton_cg_on_gauss_newton_takes_the_steps_written_out_densely():
         assert (w - flat_theta).norm() > 1e-2  # the iterations moved
 
 
+def test_levenberg_marquardt_takes_the_steps_written_out_densely():
+    """Each iteration: d solves (C + (λ + μ)I) d = −∇G(φ) exactly; φ + d is taken where it lowers G;
+    μ grows by 3/2 below a reduction ratio of 1/4 and shrinks by 2/3 above 3/4. On Gauss-Newton
+    curvature, where that matrix is positive definite and CG (as many steps as parameters) is an
+    exact solve; on the exact Hessian CG stops at negative curvature, which a dense solve does not."""
+    curvature = "gauss_newton"
+    net = small_convnet()
+    tasks = image_tasks(2, torch.Generator().manual_seed(14))
+    model = TaskModel(net, "classification")
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    size = sum(v.numel() for v in theta.values())
+    inner = NewtonCG(steps=4, cg_steps=size + 5, curvature=curvature, lm_damping=0.3)
+    phi, _ = MetaLearner(model, "imaml", inner, lam=LAM).adapt(theta, tasks)
+
+    names = list(theta)
+    flat_theta = torch.cat([theta[k].flatten() for k in names])
+
+    def unflat(vector):
+        out, start = {}, 0
+        for k in names:
+            out[k] = vector[start:start + theta[k].numel()].view(theta[k].shape)
+            start += theta[k].numel()
+        return out
+
+    for t in range(2):
+        x, y = tasks.support_x[t], tasks.support_y[t]
+
+        def loss(vector):
+            return nn.functional.cross_entropy(functional_call(net, unflat(vector), (x,)), y)
+
+        def objective(vector):
+            return loss(vector) + LAM / 2 * (vector - flat_theta).square().sum()
+
+        w, mu, taken = flat_theta.clone(), 0.3, 0
+        for _ in range(inner.steps):
+            matrix = torch.stack([torch.cat([c.flatten() for c in autograd_gauss_newton(
+                net, unflat(w), x, y, unflat(e)).values()]) for e in torch.eye(size, dtype=w.dtype)])
+            eye = torch.eye(size, dtype=w.dtype)
+            gradient = torch.autograd.functional.jacobian(objective, w)
+            d = torch.linalg.solve(matrix + (LAM + mu) * eye, -gradient)
+            predicted = gradient @ d + 0.5 * d @ (matrix + LAM * eye) @ d
+            actual = objective(w + d) - objective(w)
+            if actual < 0:
+                w, taken = w + d, taken + 1
+            ratio = (actual / predicted).item()
+            mu = mu * 1.5 if ratio < 0.25 else mu * 2 / 3 if ratio > 0.75 else mu
+        torch.testing.assert_close(torch.cat([phi[k][t].flatten() for k in names]), w, rtol=1e-6, atol=1e-8)
+        assert taken >= 2  # the comparison is of iterations that moved
+
+
 def test_gauss_newton_needs_the_fused_passes():
-    with pytest.raises(ValueError, match="fused passes only"):
-        MetaLearner(TaskModel(small_convnet(), "classification"), "imaml",
-                    NewtonCG(2, 3, curvature="gauss_newton"), lam=LAM, fused=False)
+    for inner in (NewtonCG(2, 3, curvature="gauss_newton"), NewtonCG(2, 3, lm_damping=1.0)):
+        with pytest.raises(ValueError, match="fused passes only"):
+            MetaLearner(TaskModel(small_convnet(), "classification"), "imaml", inner, lam=LAM, fused=False)
     with pytest.raises(ValueError, match="unknown curvature"):
         NewtonCG(2, 3, curvature="fisher")
     assert GradientDescent(2, 0.1)  # the GD solver has no curvature to choose
@@ -107,9 +157,13 @@ def test_the_config_offers_gauss_newton_where_it_runs():
     config = validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "inner_solver.curvature=gauss_newton"]))
     network = components.build_network(config, torch.device("cpu"))
     assert components.build_learner(config, network, torch.device("cpu")).inner.curvature == "gauss_newton"
-    with pytest.raises(UserError, match="curvature=gauss_newton runs on the fused passes only"):
+    with pytest.raises(UserError, match="curvature=gauss_newton and inner_solver.lm_damping run on the fused passes"):
         validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "inner_solver.curvature=gauss_newton",
                           "perf.fused=false"]))
-    with pytest.raises(UserError, match="curvature=gauss_newton runs on the fused passes only"):
+    with pytest.raises(UserError, match="run on the fused passes only"):
+        validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "inner_solver.lm_damping=1", "perf.fused=false"]))
+    config = validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "inner_solver.lm_damping=0.5"]))
+    assert components.build_learner(config, network, torch.device("cpu")).inner.lm_damping == 0.5
+    with pytest.raises(UserError, match="run on the fused passes only"):
         validate(compose(QUICK + ["inner_solver=hf", "inner_solver.curvature=gauss_newton",
                                   "model=custom", "model._target_=torch.nn.Linear"]))

@@ -54,7 +54,7 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
         backtrack = inner_cfg["backtrack"] and config["algorithm"]["name"] == "imaml"
         inner = GradientDescent(inner_cfg["steps"], inner_cfg["lr"], backtrack, inner_cfg["tol"] if backtrack else 0.0)
     else:
-        inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp, inner_cfg["curvature"])
+        inner = NewtonCG(inner_cfg["steps"], inner_cfg["cg_steps"], hvp, inner_cfg["curvature"], inner_cfg["lm_damping"])
     custom = config["model"]["name"] == "custom"
     if custom and hvp == "reverse_over_reverse" and perf["vectorize"] and config["algorithm"]["name"] == "imaml":
         check_reverse_over_reverse(network, config["model"]["_target_"])

@@ -104,9 +104,9 @@ class MetaLearner:
         check_precision(self.precision)
         if self.task_groups < 1:
             raise ValueError(f"task_groups must be >= 1, got {self.task_groups}")
-        if getattr(self.inner, "curvature", "hessian") != "hessian" and self._fused_model() is None:
-            raise ValueError("Gauss-Newton curvature runs on the fused passes only: a built-in ReLU conv net "
-                             "with fused and vectorize on")
+        if getattr(self.inner, "batched_only", False) and self._fused_model() is None:
+            raise ValueError("Gauss-Newton curvature and Levenberg-Marquardt damping run on the fused passes only: "
+                             "a built-in ReLU conv net with fused and vectorize on")
         autograd_modes = set()
         if self._fused_model() is None:
             autograd_modes.add(getattr(self.inner, "hvp_mode", None))

@@ -185,21 +185,33 @@ class NewtonCG:
 
     ``curvature="gauss_newton"`` replaces ∇²L̂ by its Gauss-Newton part Jᵀ∇²ℓJ (Martens 2010):
     positive semi-definite, so every direction descends, and free of the network's second-order
-    terms, which jump at a ReLU's kinks. Only the batched form (the fused passes) offers it.
+    terms, which jump at a ReLU's kinks. ``lm_damping`` > 0 replaces the line search by
+    Levenberg-Marquardt damping, as Hessian-free optimisation does it (Martens 2010, sec. 4.1):
+    each task solves (C + (λ + μ)I) d = −∇G, takes the whole step d where it lowers G (else stays),
+    and its μ (starting at ``lm_damping``) grows by 3/2 where the reduction ratio ρ = actual /
+    predicted is below 1/4 and shrinks by 2/3 where it is above 3/4: the step follows θ smoothly
+    instead of jumping between line-search sizes. Only the batched form (the fused passes) offers
+    either.
     """
 
     steps: int
     cg_steps: int
     hvp_mode: str = "reverse_over_reverse"
     curvature: str = "hessian"
+    lm_damping: float = 0.0
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {self.curvature!r}; expected one of {CURVATURES}")
 
+    @property
+    def batched_only(self) -> bool:
+        return self.curvature != "hessian" or self.lm_damping > 0
+
     def __call__(self, loss: Loss, theta: Params, lam: float) -> Params:
-        if self.curvature != "hessian":
-            raise ValueError("Gauss-Newton curvature runs on the fused passes only (built-in ReLU conv nets)")
+        if self.batched_only:
+            raise ValueError("Gauss-Newton curvature and Levenberg-Marquardt damping run on the fused passes only "
+                             "(built-in ReLU conv nets)")
         objective = proximal(loss, theta, lam)
         phi = theta
         for _ in range(self.steps):
@@ -229,6 +241,8 @@ class NewtonCG:
             diff = tree.add(candidate, theta, -1.0)
             return losses + 0.5 * lam * tree.dot(diff, diff, batch_dims=1)
 
+        if self.lm_damping > 0:
+            return self._levenberg_marquardt(linearise, loss, objective, theta, lam, tasks)
         for _ in range(self.steps):
             g, losses, hessian = linearise(phi)
             g = tree.add(g, tree.add(phi, theta, -1.0), lam)
@@ -243,6 +257,27 @@ class NewtonCG:
             step = steps[_best_step(torch.stack(values))]
             # Not φ + 0·d where the step is 0: 0·NaN is NaN.
             phi = tree.where(step != 0, tree.add(phi, direction, step), phi)
+        return phi
+
+    def _levenberg_marquardt(self, linearise, loss, objective, theta: Params, lam: float, tasks: int) -> Params:
+        phi = theta
+        mu = torch.full((tasks,), self.lm_damping, dtype=next(iter(theta.values())).dtype,
+                        device=next(iter(theta.values())).device)
+        for _ in range(self.steps):
+            g, losses, curvature = linearise(phi)
+            g = tree.add(g, tree.add(phi, theta, -1.0), lam)
+            direction = conjugate_gradient(lambda v: tree.add(curvature(v), v, lam + mu), tree.scale(g, -1.0),
+                                           self.cg_steps, stop_at_negative_curvature=True, batch_dims=1).solution
+            # The reduction the undamped quadratic model predicts, gᵀd + ½dᵀ(C + λI)d, against the real one.
+            model_d = tree.add(curvature(direction), direction, lam)
+            predicted = tree.dot(g, direction, 1) + 0.5 * tree.dot(direction, model_d, 1)
+            del curvature  # its cache is as large as the next linearisation's: not both at once
+            candidate = tree.add(phi, direction, 1.0)
+            actual = objective(candidate, loss(candidate)) - objective(phi, losses)
+            ratio = torch.nan_to_num(actual / predicted, nan=-1.0)
+            # Not a step that raises G, nor one that is not finite (a CG overflow).
+            phi = tree.where(torch.isfinite(actual) & (actual < 0), candidate, phi)
+            mu = torch.where(ratio < 0.25, mu * 1.5, torch.where(ratio > 0.75, mu * (2.0 / 3.0), mu))
         return phi
 
 
