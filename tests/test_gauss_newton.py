@@ -26,6 +26,26 @@ def autograd_gauss_newton(net, params, x, y, v):
     return pullback(loss_hessian_jv)[0]
 
 
+def flattening(theta):
+    """θ as one vector, and the map from such a vector back to θ's dict of tensors."""
+    names = list(theta)
+
+    def unflat(vector):
+        out, start = {}, 0
+        for k in names:
+            out[k] = vector[start:start + theta[k].numel()].view(theta[k].shape)
+            start += theta[k].numel()
+        return out
+
+    return torch.cat([theta[k].flatten() for k in names]), unflat
+
+
+def dense_gauss_newton(net, w, x, y, unflat):
+    """The Gauss-Newton matrix at the flat parameters ``w``, column by column."""
+    return torch.stack([torch.cat([c.flatten() for c in autograd_gauss_newton(net, unflat(w), x, y, unflat(e)).values()])
+                        for e in torch.eye(len(w), dtype=w.dtype)])
+
+
 def test_the_fused_gauss_newton_product_is_jt_h_j():
     net = small_convnet()
     tasks = image_tasks(2, torch.Generator().manual_seed(11))
@@ -59,15 +79,7 @@ def test_newton_cg_on_gauss_newton_takes_the_steps_written_out_densely():
     inner = NewtonCG(steps=2, cg_steps=size + 5, curvature="gauss_newton")
     phi, _ = MetaLearner(model, "imaml", inner, lam=LAM).adapt(theta, tasks)
 
-    names = list(theta)
-    flat_theta = torch.cat([theta[k].flatten() for k in names])
-
-    def unflat(vector):
-        out, start = {}, 0
-        for k in names:
-            out[k] = vector[start:start + theta[k].numel()].view(theta[k].shape)
-            start += theta[k].numel()
-        return out
+    flat_theta, unflat = flattening(theta)
 
     for t in range(2):
         x, y = tasks.support_x[t], tasks.support_y[t]
@@ -78,14 +90,12 @@ def test_newton_cg_on_gauss_newton_takes_the_steps_written_out_densely():
 
         w = flat_theta.clone()
         for _ in range(inner.steps):
-            basis = torch.eye(size, dtype=w.dtype)
-            gauss_newton = torch.stack([torch.cat([c.flatten() for c in autograd_gauss_newton(
-                net, unflat(w), x, y, unflat(e)).values()]) for e in basis])
+            gauss_newton = dense_gauss_newton(net, w, x, y, unflat)
             gradient = torch.autograd.functional.jacobian(objective, w)
             d = torch.linalg.solve(gauss_newton + LAM * torch.eye(size, dtype=w.dtype), -gradient)
             values = torch.stack([objective(w + s * d) for s in LINE_SEARCH_STEPS])
             w = w + LINE_SEARCH_STEPS[int(values.argmin())] * d
-        torch.testing.assert_close(torch.cat([phi[k][t].flatten() for k in names]), w, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(flattening({k: v[t] for k, v in phi.items()})[0], w, rtol=1e-6, atol=1e-8)
         assert (w - flat_theta).norm() > 1e-2  # the iterations moved
 
 
@@ -94,24 +104,15 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
     μ grows by 3/2 below a reduction ratio of 1/4 and shrinks by 2/3 above 3/4. On Gauss-Newton
     curvature, where that matrix is positive definite and CG (as many steps as parameters) is an
     exact solve; on the exact Hessian CG stops at negative curvature, which a dense solve does not."""
-    curvature = "gauss_newton"
     net = small_convnet()
     tasks = image_tasks(2, torch.Generator().manual_seed(14))
     model = TaskModel(net, "classification")
     theta = {k: v.detach() for k, v in net.named_parameters()}
     size = sum(v.numel() for v in theta.values())
-    inner = NewtonCG(steps=4, cg_steps=size + 5, curvature=curvature, lm_damping=0.3)
+    inner = NewtonCG(steps=4, cg_steps=size + 5, curvature="gauss_newton", lm_damping=0.3)
     phi, _ = MetaLearner(model, "imaml", inner, lam=LAM).adapt(theta, tasks)
 
-    names = list(theta)
-    flat_theta = torch.cat([theta[k].flatten() for k in names])
-
-    def unflat(vector):
-        out, start = {}, 0
-        for k in names:
-            out[k] = vector[start:start + theta[k].numel()].view(theta[k].shape)
-            start += theta[k].numel()
-        return out
+    flat_theta, unflat = flattening(theta)
 
     for t in range(2):
         x, y = tasks.support_x[t], tasks.support_y[t]
@@ -124,8 +125,7 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
 
         w, mu, taken = flat_theta.clone(), 0.3, 0
         for _ in range(inner.steps):
-            matrix = torch.stack([torch.cat([c.flatten() for c in autograd_gauss_newton(
-                net, unflat(w), x, y, unflat(e)).values()]) for e in torch.eye(size, dtype=w.dtype)])
+            matrix = dense_gauss_newton(net, w, x, y, unflat)
             eye = torch.eye(size, dtype=w.dtype)
             gradient = torch.autograd.functional.jacobian(objective, w)
             d = torch.linalg.solve(matrix + (LAM + mu) * eye, -gradient)
@@ -135,7 +135,7 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
                 w, taken = w + d, taken + 1
             ratio = (actual / predicted).item()
             mu = mu * 1.5 if ratio < 0.25 else mu * 2 / 3 if ratio > 0.75 else mu
-        torch.testing.assert_close(torch.cat([phi[k][t].flatten() for k in names]), w, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(flattening({k: v[t] for k, v in phi.items()})[0], w, rtol=1e-6, atol=1e-8)
         assert taken >= 2  # the comparison is of iterations that moved
 
 
