@@ -9,6 +9,10 @@ the first solver's.
     python scripts/inner_solver_convergence.py ~/imaml-runs/5w1s_imaml_gd/checkpoints/last.pt \
         --root ../shared/data/omniglot --gd 16 --hf 1 2 3 5 8
 
+HF takes the config's curvature and Levenberg-Marquardt damping (``--set
+inner_solver.curvature=gauss_newton inner_solver.lm_damping=1``); ``--hf-cg 5 10 20`` tries
+several CG step counts per Newton direction.
+
 It chose the presets' `inner_steps.hf` (docs/results.md). ``--init`` takes θ at the
 initialisation the checkpoint's config draws (its ``train.seed``) instead of the checkpoint's
 parameters: where the iMAML-HF run went astray (docs/results.md).
@@ -27,6 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--gd", type=int, nargs="+", default=[16], help="GD step counts")
     parser.add_argument("--hf", type=int, nargs="*", default=[1, 2, 3, 5, 8], help="Newton iteration counts")
+    parser.add_argument("--hf-cg", type=int, nargs="+", help="CG steps per Newton direction (each with each "
+                        "--hf count); default: the config's inner_solver.cg_steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", action="store_true", help="θ at initialisation, not the checkpoint's")
     parser.add_argument("--power-iterations", type=int, default=30, help="for the top Hessian eigenvalue")
@@ -89,8 +95,11 @@ def main(argv=None) -> None:
 
     solvers = [(f"GD, {n} steps (lr {config['inner_solver']['lr']}, backtracking)",
                 GradientDescent(n, config["inner_solver"]["lr"], config["inner_solver"]["backtrack"])) for n in args.gd]
-    solvers += [(f"HF, {n} Newton iterations x {config['inner_solver']['cg_steps']} CG",
-                 NewtonCG(n, config["inner_solver"]["cg_steps"], config["perf"]["hvp"])) for n in args.hf]
+    inner_cfg = config["inner_solver"]
+    newton = f"{inner_cfg['curvature']}" + (f", LM from μ = {inner_cfg['lm_damping']}" if inner_cfg["lm_damping"] else "")
+    solvers += [(f"HF ({newton}), {n} Newton iterations x {cg} CG",
+                 NewtonCG(n, cg, config["perf"]["hvp"], inner_cfg["curvature"], inner_cfg["lm_damping"]))
+                for cg in args.hf_cg or [inner_cfg["cg_steps"]] for n in args.hf]
     where = "its initialisation (train.seed)" if args.init else f"meta-step {state['step']}"
     print(f"{args.checkpoint} at {where}, {args.tasks} training tasks, λ = {lam}")
     print("| inner solver | proximal objective (median) | ‖gradient‖ at φ (median) | query accuracy | seconds "

@@ -100,7 +100,8 @@ def test_newton_cg_on_gauss_newton_takes_the_steps_written_out_densely():
 
 
 def test_levenberg_marquardt_takes_the_steps_written_out_densely():
-    """Each iteration: d solves (C + (λ + μ)I) d = −∇G(φ) exactly; φ + d is taken where it lowers G;
+    """Each iteration: d solves (C + (λ + μ)I) d = −∇G(φ) exactly; φ + αd is taken where it lowers
+    G, α in [0, 1] the minimiser of the parabola through G along d at 0 (value, slope) and 1;
     μ grows by 3/2 below a reduction ratio of 1/4 and shrinks by 2/3 above 3/4. On Gauss-Newton
     curvature, where that matrix is positive definite and CG (as many steps as parameters) is an
     exact solve; on the exact Hessian CG stops at negative curvature, which a dense solve does not."""
@@ -131,8 +132,13 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
             d = torch.linalg.solve(matrix + (LAM + mu) * eye, -gradient)
             predicted = gradient @ d + 0.5 * d @ (matrix + LAM * eye) @ d
             actual = objective(w + d) - objective(w)
-            if actual < 0:
-                w, taken = w + d, taken + 1
+            # The step to the minimum of the parabola through G(w), G'(w; d) and G(w + d), at most 1.
+            a, b, c = torch.linalg.solve(torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=w.dtype),
+                                         torch.stack([objective(w), gradient @ d, objective(w + d)]))
+            candidates = [torch.zeros_like(a), torch.ones_like(a)] + ([-b / (2 * c)] if 0 < -b / (2 * c) < 1 else [])
+            step = min(candidates, key=lambda s: (a + b * s + c * s * s).item())
+            if objective(w + step * d) < objective(w):
+                w, taken = w + step * d, taken + 1
             ratio = (actual / predicted).item()
             mu = mu * 1.5 if ratio < 0.25 else mu * 2 / 3 if ratio > 0.75 else mu
         torch.testing.assert_close(flattening({k: v[t] for k, v in phi.items()})[0], w, rtol=1e-6, atol=1e-8)
