@@ -34,6 +34,11 @@ def _number(minimum: float, inclusive: bool) -> tuple[Callable[[Any], bool], str
     return check, f"a number {'>=' if inclusive else '>'} {minimum}"
 
 
+def _fraction() -> tuple[Callable[[Any], bool], str]:
+    check, _ = _number(0, inclusive=True)
+    return (lambda v: check(v) and v <= 1), "a number from 0 to 1"
+
+
 def _choice(*options) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in options), "one of " + ", ".join(map(str, options))
 
@@ -111,6 +116,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outer_optimizer.weight_decay": _number(0, inclusive=True),
     "outer_optimizer.momentum": _number(0, inclusive=True),
     "outer_optimizer.eps": _number(0, inclusive=False),
+    "outer_optimizer.schedule": _choice("constant", "cosine"),
+    "outer_optimizer.min_lr_fraction": _fraction(),
+    "outer_optimizer.warmup_steps": _int(0),
     "train.meta_steps": _int(1),
     "train.meta_batch_size": _int(1),
     "train.seed": _int(0),

@@ -97,25 +97,31 @@ class Child:
 def uninterrupted(tmp_path_factory):
     cache = {}
 
-    def run(algorithm: str) -> dict:
-        if algorithm not in cache:
+    def run(algorithm: str, extra: tuple) -> dict:
+        if (algorithm, extra) not in cache:
             folder = tmp_path_factory.mktemp(f"straight-{algorithm}")
-            result = run_cli("imaml-train", *LONG, f"algorithm={algorithm}", f"hydra.run.dir={folder}", cwd=folder)
+            result = run_cli("imaml-train", *LONG, f"algorithm={algorithm}", *extra, f"hydra.run.dir={folder}",
+                             cwd=folder)
             assert result.returncode == 0, result.stderr
-            cache[algorithm] = load_checkpoint(folder / "checkpoints" / "last.pt")
-        return cache[algorithm]
+            cache[algorithm, extra] = load_checkpoint(folder / "checkpoints" / "last.pt")
+        return cache[algorithm, extra]
     return run
 
 
-@pytest.mark.parametrize("algorithm, signum", [
-    ("imaml", signal.SIGKILL), ("maml", signal.SIGKILL), ("imaml", signal.SIGTERM), ("maml", signal.SIGINT)],
-    ids=["imaml-SIGKILL", "maml-SIGKILL", "imaml-SIGTERM", "maml-SIGINT"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, uninterrupted, algorithm, signum):
-    args = [*LONG, f"algorithm={algorithm}", f"hydra.run.dir={tmp_path / 'run'}"]
+# A learning rate that changes every meta-step: resuming must pick the schedule up where it was.
+COSINE = ("outer_optimizer.schedule=cosine", "outer_optimizer.warmup_steps=5", "outer_optimizer.min_lr_fraction=0.1")
+
+
+@pytest.mark.parametrize("algorithm, signum, extra", [
+    ("imaml", signal.SIGKILL, ()), ("maml", signal.SIGKILL, ()), ("imaml", signal.SIGTERM, ()),
+    ("maml", signal.SIGINT, ()), ("imaml", signal.SIGKILL, COSINE)],
+    ids=["imaml-SIGKILL", "maml-SIGKILL", "imaml-SIGTERM", "maml-SIGINT", "imaml-cosine-SIGKILL"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, uninterrupted, algorithm, signum, extra):
+    args = [*LONG, f"algorithm={algorithm}", *extra, f"hydra.run.dir={tmp_path / 'run'}"]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     # A checkpoint step (every 3) in the first third of the 40 steps: the signal lands mid-run even
     # when this process is descheduled for a while on a busy machine.
-    target = 3 * random.Random(f"{algorithm}{signum}").randint(1, 4)
+    target = 3 * random.Random(f"{algorithm}{signum}{extra}").randint(1, 4)
     child = Child([str(BIN / "imaml-train"), *args], cwd=tmp_path)
     reached = child.wait_for_checkpoint(last, target)
     child.process.send_signal(signum)
@@ -130,7 +136,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, uninterrupted, a
 
     resumed = run_cli("imaml-train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_state(load_checkpoint(last), uninterrupted(algorithm))
+    assert_same_state(load_checkpoint(last), uninterrupted(algorithm, extra))
 
 
 def test_a_write_failing_part_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from imaml_cli.engine.checkpoint import load_checkpoint, load_params, save_check
 from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import EvalResult, evaluate
 from imaml_cli.engine.logging import TensorBoard, flat_hparams, mean_metrics, report, write_json
+from imaml_cli.engine.schedule import outer_learning_rate
 from imaml_cli.errors import UserError
 
 log = logging.getLogger("imaml")
@@ -177,6 +178,10 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         if newer and world.is_main:
             log.warning("the checkpoint predates %s; the run goes on with %s", ", ".join(newer),
                         ", ".join(f"{k}={v}" for k, v in newer.items()))
+        if (config["outer_optimizer"]["schedule"] == "cosine" and world.is_main
+                and stored["train"]["meta_steps"] != tcfg["meta_steps"]):
+            log.warning("train.meta_steps changed from %d to %d: the cosine schedule decays to the new end from here",
+                        stored["train"]["meta_steps"], tcfg["meta_steps"])
         if resumed["step"] >= tcfg["meta_steps"] and results_path.exists():
             import json
 
@@ -249,9 +254,12 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                                               if k in metrics}))
                 grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
                 finite = torch.isfinite(grad_norm) and all(torch.isfinite(v) for v in summary.values())
+                lr = outer_learning_rate(config["outer_optimizer"], step + 1, tcfg["meta_steps"])
                 if finite:
                     for name, p in params.items():
                         p.grad = grads[name].to(p.dtype)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
                     optimizer.step()
                     bad_steps = 0
                 else:
@@ -268,7 +276,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                     progress.update(1)
                     progress.set_postfix(_postfix(summary, best), refresh=False)
                     if step % tcfg["log_every"] == 0 or step == tcfg["meta_steps"]:
-                        tb.training_scalars({**summary, "meta_grad_norm": grad_norm.item(),
+                        tb.training_scalars({**summary, "meta_grad_norm": grad_norm.item(), "outer_lr": lr,
                                             "seconds_per_step": seconds, "skipped_steps": skipped}, step)
                 if bad_steps >= tcfg["max_bad_steps"]:
                     checkpoint(last_path)
