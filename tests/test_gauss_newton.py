@@ -111,7 +111,7 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
     theta = {k: v.detach() for k, v in net.named_parameters()}
     size = sum(v.numel() for v in theta.values())
     inner = NewtonCG(steps=4, cg_steps=size + 5, curvature="gauss_newton", lm_damping=0.3)
-    phi, _ = MetaLearner(model, "imaml", inner, lam=LAM).adapt(theta, tasks)
+    phi, metrics = MetaLearner(model, "imaml", inner, lam=LAM).adapt(theta, tasks)
 
     flat_theta, unflat = flattening(theta)
 
@@ -124,7 +124,7 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
         def objective(vector):
             return loss(vector) + LAM / 2 * (vector - flat_theta).square().sum()
 
-        w, mu, taken = flat_theta.clone(), 0.3, 0
+        w, mu, taken, step_sum = flat_theta.clone(), 0.3, 0, 0.0
         for _ in range(inner.steps):
             matrix = dense_gauss_newton(net, w, x, y, unflat)
             eye = torch.eye(size, dtype=w.dtype)
@@ -138,11 +138,12 @@ def test_levenberg_marquardt_takes_the_steps_written_out_densely():
             candidates = [torch.zeros_like(a), torch.ones_like(a)] + ([-b / (2 * c)] if 0 < -b / (2 * c) < 1 else [])
             step = min(candidates, key=lambda s: (a + b * s + c * s * s).item())
             if objective(w + step * d) < objective(w):
-                w, taken = w + step * d, taken + 1
+                w, taken, step_sum = w + step * d, taken + 1, step_sum + step
             ratio = (actual / predicted).item()
             mu = mu * 1.5 if ratio < 0.25 else mu * 2 / 3 if ratio > 0.75 else mu
         torch.testing.assert_close(flattening({k: v[t] for k, v in phi.items()})[0], w, rtol=1e-6, atol=1e-8)
         assert taken >= 2  # the comparison is of iterations that moved
+        assert metrics["inner_step"][t].item() == pytest.approx(float(step_sum) / inner.steps, rel=1e-6)
 
 
 def test_gauss_newton_needs_the_fused_passes():

@@ -247,3 +247,90 @@ def test_adams_epsilon_comes_from_the_config():
     assert optimizer.param_groups[0]["eps"] == 0.001
     with pytest.raises(UserError, match="outer_optimizer.eps=0 is invalid"):
         validate(compose(QUICK + ["outer_optimizer.eps=0"]))
+
+
+# What the solvers report per task: step-size halvings (backtracking GD) and the share of the Newton
+# step taken (HF).
+
+def reports_both_ways(solver, a, b, theta, lam):
+    from torch.func import vmap
+
+    from test_meta_gradient import quadratic_loss
+
+    def one(a, b):
+        report = {}
+        solver(quadratic_loss(a, b), theta, lam, report=report)
+        return report
+
+    def gradient(p):
+        return {"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b}
+
+    def losses(p):
+        return vmap(lambda a, b, w: quadratic_loss(a, b)({"w": w}))(a, b, p["w"])
+
+    per_task, batched = vmap(one)(a, b), {}
+    if isinstance(solver, NewtonCG):
+        solver.batched(lambda p: (gradient(p), losses(p), lambda v: {"w": (a @ v["w"].unsqueeze(-1)).squeeze(-1)}),
+                       losses, theta, lam, len(a), report=batched)
+    else:
+        solver.batched(lambda p: (gradient(p), losses(p)), theta, lam, len(a), report=batched)
+    return per_task, batched
+
+
+def test_backtracking_reports_the_halvings_that_make_its_step_stable():
+    """G's Hessian is c·I, so a step of lr undoes itself exactly where lr·c > 2: from lr 0.75,
+    c = 1 keeps it, c = 4 halves it once (to lr·c = 1.5) and c = 16 three times."""
+    lam, c = 1.0, torch.tensor([1.0, 4.0, 16.0], dtype=torch.float64)
+    a = (c - lam)[:, None, None] * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    theta = {"w": torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))}
+    per_task, batched = reports_both_ways(GradientDescent(12, 0.75, backtrack=True), a, b, theta, lam)
+    assert per_task["inner_halvings"].tolist() == [0.0, 1.0, 3.0]
+    assert batched["inner_halvings"].tolist() == [0.0, 1.0, 3.0]
+
+
+def test_newton_on_a_quadratic_reports_whole_steps():
+    """On a quadratic with CG run to exactness, the line search's best step is the whole one (one
+    iteration: after it the minimum is reached and every step ties to rounding)."""
+    lam = 2.0
+    a, b, theta, _ = quadratic_batch(torch.Generator().manual_seed(6), lam)
+    per_task, batched = reports_both_ways(NewtonCG(1, 6), a, b, theta, lam)
+    torch.testing.assert_close(per_task["inner_step"], torch.ones(len(a), dtype=torch.float64))
+    torch.testing.assert_close(batched["inner_step"], torch.ones(len(a), dtype=torch.float64))
+
+
+def test_newton_reports_the_line_search_step_it_took():
+    """L(w) = −Σ cos(w − t): where the curvature falls along the Newton direction the whole step
+    overshoots. The step is the first of the line search's sizes with the lowest G (brute force)."""
+    from torch.func import vmap
+
+    from imaml_cli.meta.inner import LINE_SEARCH_STEPS
+
+    lam = 0.1
+    offsets = torch.empty(5, 6, dtype=torch.float64).uniform_(0.6, 1.4, generator=torch.Generator().manual_seed(2))
+    theta = {"w": torch.zeros(6, dtype=torch.float64)}
+    targets = theta["w"] - offsets
+
+    def objective(w, t):
+        return -torch.cos(w - t).sum(-1) + lam / 2 * (w - theta["w"]).square().sum(-1)
+
+    x = theta["w"] - targets
+    direction = -torch.sin(x) / (torch.cos(x) + lam)  # the exact Newton step: the Hessian is diagonal
+    sizes = torch.tensor(LINE_SEARCH_STEPS, dtype=torch.float64)
+    values = torch.stack([objective(theta["w"] + s * direction, targets) for s in sizes])
+    expected = sizes[values.argmin(0)]
+    assert (expected < 1).any() and (expected > 0).all()
+
+    solver = NewtonCG(1, 6)
+
+    def one(t):
+        report = {}
+        solver(lambda p: -torch.cos(p["w"] - t).sum(), theta, lam, report=report)
+        return report["inner_step"]
+
+    batched = {}
+    solver.batched(lambda p: ({"w": torch.sin(p["w"] - targets)}, -torch.cos(p["w"] - targets).sum(-1),
+                              lambda v: {"w": torch.cos(p["w"] - targets) * v["w"]}),
+                   lambda p: -torch.cos(p["w"] - targets).sum(-1), theta, lam, len(targets), report=batched)
+    torch.testing.assert_close(vmap(one)(targets), expected)
+    torch.testing.assert_close(batched["inner_step"], expected)

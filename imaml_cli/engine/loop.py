@@ -37,7 +37,8 @@ RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "devi
 PEAK_METRICS = ("inner_grad_norm",)
 # The measurements of iMAML's assumptions that results.json reports, averaged over the last
 # meta-steps of the run (README: "Is the inner problem solved?").
-ASSUMPTIONS = ("inner_grad_norm", "inner_grad_norm_max", "cg_residual", "cg_negative_curvature")
+ASSUMPTIONS = ("inner_grad_norm", "inner_grad_norm_max", "inner_halvings", "inner_step", "cg_residual",
+               "cg_negative_curvature")
 ASSUMPTIONS_WINDOW = 100
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")

@@ -128,8 +128,8 @@ class MetaLearner:
         theta = tree.detach(theta)
 
         def adapt_group(group: TaskBatch):
-            phi = self._adapt(theta, [(group.support_x, group.support_y)])
-            return phi, self.metrics(theta, phi, group)
+            phi, report = self._adapt(theta, [(group.support_x, group.support_y)])
+            return phi, {**self.metrics(theta, phi, group), **report}
 
         return self._in_groups(adapt_group, theta, tasks, self._fused_model() is not None)
 
@@ -160,9 +160,10 @@ class MetaLearner:
         elif fused is not None:
             return self._fused_meta_gradient(fused, theta, tasks)
         else:
-            phi = self._adapt(theta, self._inner_loop_data((tasks.support_x, tasks.support_y),
-                                                           (tasks.query_x, tasks.query_y)))
-            grads, extra = self._outer_gradients(theta, phi, tasks)
+            phi, extra = self._adapt(theta, self._inner_loop_data((tasks.support_x, tasks.support_y),
+                                                                  (tasks.query_x, tasks.query_y)))
+            grads, outer = self._outer_gradients(theta, phi, tasks)
+            extra.update(outer)
         metrics = self.metrics(theta, phi, tasks)
         metrics.update(extra)
         return grads, metrics
@@ -255,24 +256,29 @@ class MetaLearner:
         (raw tensors or the fused network's prepared batches alike)."""
         return [support, query] if self._alternates else [support]
 
-    def _adapt(self, theta: Params, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Params:
+    def _adapt(self, theta: Params, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Params, dict]:
         """φ per task ``[T, ...]``: the inner solver on each task's proximal loss, its steps on
-        ``batches`` in turn (the support set first)."""
+        ``batches`` in turn (the support set first); and what the solver reports per task
+        (``inner_halvings`` or ``inner_step``)."""
         fused = self._fused_model()
         if fused is not None:
             prepared = [(fused.prepare(x, y, reuse=True), y) for x, y in batches]
-            return fused.from_internal(self._fused_adapt(fused, fused.to_internal(theta), prepared, {}))
+            report = {}
+            phi = self._fused_adapt(fused, fused.to_internal(theta), prepared, {}, report)
+            return fused.from_internal(phi), report
 
         def one_task(*data):
             losses = [partial(self.model.loss, x=x, y=y) for x, y in zip(data[::2], data[1::2])]
-            return self.inner(losses[0] if len(losses) == 1 else losses, theta, self.inner_lam)
+            report = {}
+            phi = self.inner(losses[0] if len(losses) == 1 else losses, theta, self.inner_lam, report=report)
+            return phi, report
 
         return self._map(one_task, *(t for batch in batches for t in batch))
 
-    def _fused_adapt(self, fused, theta: Params, batches: list, known: dict) -> Params:
+    def _fused_adapt(self, fused, theta: Params, batches: list, known: dict, report: dict) -> Params:
         """φ per task, in ``fused``'s layout, by the inner solver's batched form, its steps on the
         prepared ``(batch, y)`` pairs in turn; the outputs at θ on the first (the support set) go
-        into ``known`` as pre_support."""
+        into ``known`` as pre_support, the solver's per-task report into ``report``."""
         support, support_y = batches[0]
         if isinstance(self.inner, NewtonCG):
             def linearise(params):
@@ -283,7 +289,7 @@ class MetaLearner:
             def loss(params):
                 return self.model.batched_loss_of_outputs(fused.outputs(params, support), support_y)
 
-            return self.inner.batched(linearise, loss, theta, self.inner_lam, len(support_y))
+            return self.inner.batched(linearise, loss, theta, self.inner_lam, len(support_y), report)
 
         def gradient_on(batch, targets, first: bool):
             def gradient(params):
@@ -295,7 +301,7 @@ class MetaLearner:
             return gradient
 
         gradients = [gradient_on(batch, targets, i == 0) for i, (batch, targets) in enumerate(batches)]
-        return self.inner.batched(gradients, theta, self.inner_lam, len(support_y))
+        return self.inner.batched(gradients, theta, self.inner_lam, len(support_y), report)
 
     def _fused_gradient_and_loss(self, fused, params: Params, batch, targets: torch.Tensor):
         """The batched support-loss gradients and the losses ``[T]`` (what ``GradientDescent.batched``
@@ -342,10 +348,9 @@ class MetaLearner:
         theta_i = fused.to_internal(theta)
         # Scratch memory for the query's many passes only where the inner steps take it.
         query = fused.prepare(tasks.query_x, tasks.query_y, reuse=self._alternates)
-        known = {}
+        known, extra = {}, {}
         phi = self._fused_adapt(fused, theta_i, self._inner_loop_data((support, tasks.support_y),
-                                                                      (query, tasks.query_y)), known)
-        extra = {}
+                                                                      (query, tasks.query_y)), known, extra)
         if self.algorithm == "reptile":
             grads = tree.add({k: v.expand_as(phi[k]) for k, v in theta_i.items()}, phi, -1.0)
         else:
@@ -353,7 +358,8 @@ class MetaLearner:
             if self.algorithm == "imaml":
                 known["post_support"], known["post_support_gradient"], hessian = fused.outputs_gradient_and_hessian(
                     phi, support)
-                grads, extra = self._solve(hessian, grads, batch_dims=1)
+                grads, outer = self._solve(hessian, grads, batch_dims=1)
+                extra.update(outer)
         metrics = self._fused_metrics(fused, theta_i, phi, support, query, tasks, known)
         metrics.update(extra)
         return fused.from_internal(grads), metrics

@@ -32,6 +32,11 @@ def _best_step(values: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(values, nan=float("inf")).argmin(0)
 
 
+def _report_halvings(report: dict | None, lr: float, final: torch.Tensor) -> None:
+    if report is not None:
+        report["inner_halvings"] = torch.log2(lr / final)
+
+
 def proximal(loss: Loss, theta: Params, lam: float) -> Loss:
     """φ ↦ loss(φ) + λ/2‖φ − θ‖²."""
     if lam == 0:
@@ -72,10 +77,12 @@ class GradientDescent:
         if not self.backtrack and self.tol > 0:
             raise ValueError("tol needs backtrack: it steers the monotone descent")
 
-    def __call__(self, loss: Loss | Sequence[Loss], theta: Params, lam: float) -> Params:
+    def __call__(self, loss: Loss | Sequence[Loss], theta: Params, lam: float, report: dict | None = None) -> Params:
+        """φ; with backtracking, ``report`` (where given) receives ``inner_halvings``: how many times
+        the task's step size was halved."""
         losses = self._cycle(loss)
         if self.backtrack:
-            return self._backtracking(proximal(losses[0], theta, lam), theta)
+            return self._backtracking(proximal(losses[0], theta, lam), theta, report)
         phi = theta
         for step in range(self.steps):
             g = grad(losses[step % len(losses)])(phi)
@@ -88,7 +95,7 @@ class GradientDescent:
                        for k in phi}
         return phi
 
-    def _backtracking(self, objective: Loss, theta: Params) -> Params:
+    def _backtracking(self, objective: Loss, theta: Params, report: dict | None) -> Params:
         """Monotone descent on ``objective`` from θ, for one task (vmap it for many)."""
         gradient_and_value = grad_and_value(objective)
         phi = theta
@@ -103,6 +110,7 @@ class GradientDescent:
             g = tree.where(better, candidate_g, g)
             value = torch.where(better, candidate_value, value)
             lr = torch.where(better | ~moving, lr, lr / 2)
+        _report_halvings(report, self.lr, lr)
         return phi
 
     def _cycle(self, loss) -> Sequence:
@@ -112,7 +120,7 @@ class GradientDescent:
         return losses
 
     def batched(self, gradient: Callable[[Params], tuple[Params, torch.Tensor]] | Sequence[Callable], theta: Params,
-                lam: float, tasks: int) -> Params:
+                lam: float, tasks: int, report: dict | None = None) -> Params:
         """The same steps for ``tasks`` tasks at once, from ``gradient``: φ ``[T, ...]`` ↦ the
         batched loss gradients and the losses ``[T]`` (or a sequence of such, taken in turn).
 
@@ -122,7 +130,7 @@ class GradientDescent:
         gradients = self._cycle(gradient)
         phi = {k: v.expand(tasks, *v.shape).clone() for k, v in theta.items()}
         if self.backtrack:
-            return self._batched_backtracking(gradients[0], theta, lam, phi)
+            return self._batched_backtracking(gradients[0], theta, lam, phi, report)
         for step in range(self.steps):
             g = gradients[step % len(gradients)](phi)[0]
             for k, v in phi.items():
@@ -131,7 +139,7 @@ class GradientDescent:
                 v.add_(g[k], alpha=-self.lr)
         return phi
 
-    def _batched_backtracking(self, gradient, theta: Params, lam: float, phi: Params) -> Params:
+    def _batched_backtracking(self, gradient, theta: Params, lam: float, phi: Params, report: dict | None) -> Params:
         """``_backtracking`` for all tasks at once, written for memory traffic: the candidate and φ trade
         buffers, and only the rows of tasks whose step was undone are copied back."""
         g, value = gradient(phi)  # at θ, where the proximal term and its gradient are 0
@@ -164,6 +172,7 @@ class GradientDescent:
             phi, candidate, g = candidate, phi, candidate_g
             value = torch.where(better, candidate_value, value)
             lr = torch.where(better | ~moving, lr, lr / 2)
+        _report_halvings(report, self.lr, lr)
         return phi
 
     @staticmethod
@@ -209,12 +218,15 @@ class NewtonCG:
     def batched_only(self) -> bool:
         return self.curvature != "hessian" or self.lm_damping > 0
 
-    def __call__(self, loss: Loss, theta: Params, lam: float) -> Params:
+    def __call__(self, loss: Loss, theta: Params, lam: float, report: dict | None = None) -> Params:
+        """φ; ``report`` (where given) receives ``inner_step``: the mean over the Newton iterations of
+        the fraction of the Newton step taken (0 where an iteration stayed)."""
         if self.batched_only:
             raise ValueError("Gauss-Newton curvature and Levenberg-Marquardt damping run on the fused passes only "
                              "(built-in ReLU conv nets)")
         objective = proximal(loss, theta, lam)
         phi = theta
+        taken = 0.0
         for _ in range(self.steps):
             g = grad(objective)(phi)
             direction = conjugate_gradient(hessian_operator(objective, phi, self.hvp_mode), tree.scale(g, -1.0),
@@ -223,10 +235,14 @@ class NewtonCG:
             values = torch.stack([objective(c) for c in candidates])
             best = _best_step(values)
             phi = {k: torch.stack([c[k] for c in candidates])[best] for k in phi}
+            taken = taken + torch.tensor(LINE_SEARCH_STEPS, dtype=values.dtype, device=values.device)[best]
+        if report is not None:
+            report["inner_step"] = taken / self.steps
         return phi
 
     def batched(self, linearise: Callable[[Params], tuple[Params, torch.Tensor, Callable[[Params], Params]]],
-                loss: Callable[[Params], torch.Tensor], theta: Params, lam: float, tasks: int) -> Params:
+                loss: Callable[[Params], torch.Tensor], theta: Params, lam: float, tasks: int,
+                report: dict | None = None) -> Params:
         """The same iterations for ``tasks`` tasks at once. ``linearise``: φ ``[T, ...]`` ↦ the
         batched loss gradients, the losses ``[T]`` and v ↦ ∇²L̂(φ)·v per task; ``loss``: φ ↦ the
         losses ``[T]``.
@@ -243,7 +259,8 @@ class NewtonCG:
             return losses + 0.5 * lam * tree.dot(diff, diff, batch_dims=1)
 
         if self.lm_damping > 0:
-            return self._levenberg_marquardt(linearise, loss, objective, theta, lam, tasks)
+            return self._levenberg_marquardt(linearise, loss, objective, theta, lam, tasks, report)
+        taken = 0.0
         for _ in range(self.steps):
             g, losses, hessian = linearise(phi)
             g = tree.add(g, tree.add(phi, theta, -1.0), lam)
@@ -258,10 +275,15 @@ class NewtonCG:
             step = steps[_best_step(torch.stack(values))]
             # Not φ + 0·d where the step is 0: 0·NaN is NaN.
             phi = tree.where(step != 0, tree.add(phi, direction, step), phi)
+            taken = taken + step
+        if report is not None:
+            report["inner_step"] = taken / self.steps
         return phi
 
-    def _levenberg_marquardt(self, linearise, loss, objective, theta: Params, lam: float, tasks: int) -> Params:
+    def _levenberg_marquardt(self, linearise, loss, objective, theta: Params, lam: float, tasks: int,
+                             report: dict | None) -> Params:
         phi = theta
+        taken = 0.0
         mu = torch.full((tasks,), self.lm_damping, dtype=next(iter(theta.values())).dtype,
                         device=next(iter(theta.values())).device)
         for _ in range(self.steps):
@@ -289,8 +311,12 @@ class NewtonCG:
             candidate = tree.add(phi, direction, step)
             value = objective(candidate, loss(candidate))
             # Not a step that raises G, nor one that is not finite (a CG overflow).
-            phi = tree.where(torch.isfinite(value) & (value < here), candidate, phi)
+            lower = torch.isfinite(value) & (value < here)
+            phi = tree.where(lower, candidate, phi)
+            taken = taken + torch.where(lower, step, 0.0)
             mu = torch.where(ratio < 0.25, mu * 1.5, torch.where(ratio > 0.75, mu * (2.0 / 3.0), mu))
+        if report is not None:
+            report["inner_step"] = taken / self.steps
         return phi
 
 
