@@ -32,9 +32,10 @@ def _best_step(values: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(values, nan=float("inf")).argmin(0)
 
 
-def _report_halvings(report: dict | None, lr: float, final: torch.Tensor) -> None:
+def _report(report: dict | None, name: str, per_task: torch.Tensor) -> None:
+    """A per-task measurement of the solve, for the caller's metrics (where it asked for them)."""
     if report is not None:
-        report["inner_halvings"] = torch.log2(lr / final)
+        report[name] = per_task
 
 
 def proximal(loss: Loss, theta: Params, lam: float) -> Loss:
@@ -110,7 +111,7 @@ class GradientDescent:
             g = tree.where(better, candidate_g, g)
             value = torch.where(better, candidate_value, value)
             lr = torch.where(better | ~moving, lr, lr / 2)
-        _report_halvings(report, self.lr, lr)
+        _report(report, "inner_halvings", torch.log2(self.lr / lr))
         return phi
 
     def _cycle(self, loss) -> Sequence:
@@ -172,7 +173,7 @@ class GradientDescent:
             phi, candidate, g = candidate, phi, candidate_g
             value = torch.where(better, candidate_value, value)
             lr = torch.where(better | ~moving, lr, lr / 2)
-        _report_halvings(report, self.lr, lr)
+        _report(report, "inner_halvings", torch.log2(self.lr / lr))
         return phi
 
     @staticmethod
@@ -236,8 +237,7 @@ class NewtonCG:
             best = _best_step(values)
             phi = {k: torch.stack([c[k] for c in candidates])[best] for k in phi}
             taken = taken + torch.tensor(LINE_SEARCH_STEPS, dtype=values.dtype, device=values.device)[best]
-        if report is not None:
-            report["inner_step"] = taken / self.steps
+        _report(report, "inner_step", taken / self.steps)
         return phi
 
     def batched(self, linearise: Callable[[Params], tuple[Params, torch.Tensor, Callable[[Params], Params]]],
@@ -276,8 +276,7 @@ class NewtonCG:
             # Not φ + 0·d where the step is 0: 0·NaN is NaN.
             phi = tree.where(step != 0, tree.add(phi, direction, step), phi)
             taken = taken + step
-        if report is not None:
-            report["inner_step"] = taken / self.steps
+        _report(report, "inner_step", taken / self.steps)
         return phi
 
     def _levenberg_marquardt(self, linearise, loss, objective, theta: Params, lam: float, tasks: int,
@@ -315,8 +314,7 @@ class NewtonCG:
             phi = tree.where(lower, candidate, phi)
             taken = taken + torch.where(lower, step, 0.0)
             mu = torch.where(ratio < 0.25, mu * 1.5, torch.where(ratio > 0.75, mu * (2.0 / 3.0), mu))
-        if report is not None:
-            report["inner_step"] = taken / self.steps
+        _report(report, "inner_step", taken / self.steps)
         return phi
 
 
