@@ -97,7 +97,7 @@ def main(argv=None) -> None:
                 GradientDescent(n, config["inner_solver"]["lr"], config["inner_solver"]["backtrack"])) for n in args.gd]
     inner_cfg = config["inner_solver"]
     newton = f"{inner_cfg['curvature']}" + (f", LM from μ = {inner_cfg['lm_damping']}" if inner_cfg["lm_damping"] else "")
-    solvers += [(f"HF ({newton}), {n} Newton iterations x {cg} CG",
+    solvers += [(f"HF, {n} Newton iterations x {cg} CG ({newton})",
                  NewtonCG(n, cg, config["perf"]["hvp"], inner_cfg["curvature"], inner_cfg["lm_damping"]))
                 for cg in args.hf_cg or [inner_cfg["cg_steps"]] for n in args.hf]
     where = "its initialisation (train.seed)" if args.init else f"meta-step {state['step']}"
