@@ -23,6 +23,8 @@ for name in "$@"; do
   if [ "$action" = restore ] && [ -f "$to/checkpoints/last.pt" ]; then
     echo "error: $to already holds a run; move it away first, or resume it there as it is" >&2; exit 2
   fi
+  # A save is a snapshot: files of an earlier save that the run no longer has do not linger.
+  if [ "$action" = save ]; then rm -rf "$to"; fi
   mkdir -p "$to/checkpoints"
   cp -r "$from/.hydra" "$from/tb" "$to/"
   cp "$from/checkpoints/last.pt" "$to/checkpoints/"

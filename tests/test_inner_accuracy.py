@@ -151,15 +151,31 @@ def quadratic_batch(generator, lam):
 
 
 def solve_both_ways(solver, a, b, theta, lam):
+    """φ by the per-task (vmap) and the batched form of ``solver`` on quadratic tasks, and what each
+    reported per task."""
     from torch.func import vmap
 
     from test_meta_gradient import quadratic_loss
 
-    per_task = vmap(lambda a, b: solver(quadratic_loss(a, b), theta, lam)["w"])(a, b)
-    batched = solver.batched(lambda p: ({"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b},
-                                        vmap(lambda a, b, w: quadratic_loss(a, b)({"w": w}))(a, b, p["w"])),
-                             theta, lam, len(a))
-    return per_task, batched["w"]
+    def one(a, b):
+        report = {}
+        return solver(quadratic_loss(a, b), theta, lam, report=report)["w"], report
+
+    def gradient(p):
+        return {"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b}
+
+    def losses(p):
+        return vmap(lambda a, b, w: quadratic_loss(a, b)({"w": w}))(a, b, p["w"])
+
+    per_task, per_task_report = vmap(one)(a, b)
+    batched_report = {}
+    if isinstance(solver, NewtonCG):
+        batched = solver.batched(lambda p: (gradient(p), losses(p),
+                                            lambda v: {"w": (a @ v["w"].unsqueeze(-1)).squeeze(-1)}),
+                                 losses, theta, lam, len(a), report=batched_report)
+    else:
+        batched = solver.batched(lambda p: (gradient(p), losses(p)), theta, lam, len(a), report=batched_report)
+    return per_task, batched["w"], (per_task_report, batched_report)
 
 
 def proximal_norms(a, b, theta, lam, phi):
@@ -171,7 +187,7 @@ def test_gd_to_a_tolerance_stops_each_task_once_its_proximal_gradient_is_below_i
     a, b, theta, expected = quadratic_batch(torch.Generator().manual_seed(4), lam)
     # lr 1.0 overshoots (A + λI reaches 12): backtracking halves it to a stable step.
     solver = GradientDescent(400, 1.0, backtrack=True, tol=tol)
-    per_task, batched = solve_both_ways(solver, a, b, theta, lam)
+    per_task, batched, _ = solve_both_ways(solver, a, b, theta, lam)
     torch.testing.assert_close(per_task, batched, rtol=1e-12, atol=1e-12)
     assert (proximal_norms(a, b, theta, lam, batched) <= tol).all()
     # Every task stopped there, and the batched solve ended once all had: far fewer than 400
@@ -193,7 +209,7 @@ def test_defaults_leave_the_backtracking_solver_as_it_was():
     run every step (written out here by hand)."""
     lam, lr, steps = 2.0, 1.0, 12
     a, b, theta, _ = quadratic_batch(torch.Generator().manual_seed(8), lam)
-    _, batched = solve_both_ways(GradientDescent(steps, lr, backtrack=True), a, b, theta, lam)
+    _, batched, _ = solve_both_ways(GradientDescent(steps, lr, backtrack=True), a, b, theta, lam)
     for t in range(len(a)):
         def objective(w):
             return 0.5 * w @ a[t] @ w - b[t] @ w + lam / 2 * (w - theta["w"]).square().sum()
@@ -252,31 +268,6 @@ def test_adams_epsilon_comes_from_the_config():
 # What the solvers report per task: step-size halvings (backtracking GD) and the share of the Newton
 # step taken (HF).
 
-def reports_both_ways(solver, a, b, theta, lam):
-    from torch.func import vmap
-
-    from test_meta_gradient import quadratic_loss
-
-    def one(a, b):
-        report = {}
-        solver(quadratic_loss(a, b), theta, lam, report=report)
-        return report
-
-    def gradient(p):
-        return {"w": (a @ p["w"].unsqueeze(-1)).squeeze(-1) - b}
-
-    def losses(p):
-        return vmap(lambda a, b, w: quadratic_loss(a, b)({"w": w}))(a, b, p["w"])
-
-    per_task, batched = vmap(one)(a, b), {}
-    if isinstance(solver, NewtonCG):
-        solver.batched(lambda p: (gradient(p), losses(p), lambda v: {"w": (a @ v["w"].unsqueeze(-1)).squeeze(-1)}),
-                       losses, theta, lam, len(a), report=batched)
-    else:
-        solver.batched(lambda p: (gradient(p), losses(p)), theta, lam, len(a), report=batched)
-    return per_task, batched
-
-
 def test_backtracking_reports_the_halvings_that_make_its_step_stable():
     """G's Hessian is c·I, so a step of lr undoes itself exactly where lr·c > 2: from lr 0.75,
     c = 1 keeps it, c = 4 halves it once (to lr·c = 1.5) and c = 16 three times."""
@@ -284,7 +275,7 @@ def test_backtracking_reports_the_halvings_that_make_its_step_stable():
     a = (c - lam)[:, None, None] * torch.eye(6, dtype=torch.float64)
     b = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     theta = {"w": torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))}
-    per_task, batched = reports_both_ways(GradientDescent(12, 0.75, backtrack=True), a, b, theta, lam)
+    _, _, (per_task, batched) = solve_both_ways(GradientDescent(12, 0.75, backtrack=True), a, b, theta, lam)
     assert per_task["inner_halvings"].tolist() == [0.0, 1.0, 3.0]
     assert batched["inner_halvings"].tolist() == [0.0, 1.0, 3.0]
 
@@ -294,7 +285,7 @@ def test_newton_on_a_quadratic_reports_whole_steps():
     iteration: after it the minimum is reached and every step ties to rounding)."""
     lam = 2.0
     a, b, theta, _ = quadratic_batch(torch.Generator().manual_seed(6), lam)
-    per_task, batched = reports_both_ways(NewtonCG(1, 6), a, b, theta, lam)
+    _, _, (per_task, batched) = solve_both_ways(NewtonCG(1, 6), a, b, theta, lam)
     torch.testing.assert_close(per_task["inner_step"], torch.ones(len(a), dtype=torch.float64))
     torch.testing.assert_close(batched["inner_step"], torch.ones(len(a), dtype=torch.float64))
 

@@ -291,8 +291,8 @@ class NewtonCG:
             direction = conjugate_gradient(lambda v: tree.add(curvature(v), v, lam + mu), tree.scale(g, -1.0),
                                            self.cg_steps, stop_at_negative_curvature=True, batch_dims=1).solution
             # The reduction the undamped quadratic model predicts, gᵀd + ½dᵀ(C + λI)d, against the real one.
-            model_d = tree.add(curvature(direction), direction, lam)
-            predicted = tree.dot(g, direction, 1) + 0.5 * tree.dot(direction, model_d, 1)
+            slope = tree.dot(g, direction, 1)
+            predicted = slope + 0.5 * tree.dot(direction, tree.add(curvature(direction), direction, lam), 1)
             del curvature  # its cache is as large as the next linearisation's: not both at once
             here = objective(phi, losses)
             full = tree.add(phi, direction, 1.0)
@@ -303,7 +303,6 @@ class NewtonCG:
             # says, at any μ), so the whole step overshoots. The step to the minimum of the parabola
             # through G(φ), its slope gᵀd and G(φ + d), at most 1, is continuous in θ, unlike a choice
             # from a set of step sizes.
-            slope = tree.dot(g, direction, 1)
             bend = actual - slope
             step = torch.where(bend > 0, -slope / (2 * bend), torch.ones_like(bend))
             step = torch.nan_to_num(step, nan=0.0).clamp(0.0, 1.0)
