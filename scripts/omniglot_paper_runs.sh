@@ -19,7 +19,8 @@ case $row in
   5w1s_reptile)   args=(experiment=omniglot_5w1s  algorithm=reptile inner_solver=gd train.meta_steps=1000) ;;
   5w5s_imaml_gd)  args=(experiment=omniglot_5w5s  algorithm=imaml   inner_solver=gd train.meta_steps=1000) ;;
   20w1s_imaml_gd) args=(experiment=omniglot_20w1s algorithm=imaml   inner_solver=gd train.meta_steps=500) ;;
-  *) echo "error: unknown row '$row'; choose one of 5w1s_imaml_gd 5w1s_imaml_hf 5w1s_maml 5w1s_fomaml 5w1s_reptile 5w5s_imaml_gd 20w1s_imaml_gd" >&2
+  20w5s_imaml_gd) args=(experiment=omniglot_20w5s algorithm=imaml   inner_solver=gd train.meta_steps=500) ;;
+  *) echo "error: unknown row '$row'; choose one of 5w1s_imaml_gd 5w1s_imaml_hf 5w1s_maml 5w1s_fomaml 5w1s_reptile 5w5s_imaml_gd 20w1s_imaml_gd 20w5s_imaml_gd" >&2
      exit 2 ;;
 esac
 exec imaml-train "${args[@]}" "dataset.root=${OMNIGLOT:-../shared/data/omniglot}" dataset.download=false \
