@@ -4,6 +4,12 @@
 
 Reads each run directory's TensorBoard events (``val/accuracy`` or ``val/mse`` and
 ``val/train_seconds``: meta-training time without validation) and draws two panels into a PNG.
+``--measures`` adds a panel per named scalar against meta-step, for the measurements of iMAML's
+assumptions over a run (README: "Is the inner problem solved?"):
+
+    python scripts/plot_runs.py ~/imaml-runs/5w1s_imaml_gd_20k --measures train/inner_grad_norm \
+        train/inner_halvings --out docs/flagship.png
+
 Needs matplotlib (``pip install -e ".[plot]"``).
 """
 
@@ -26,12 +32,27 @@ def load_curve(run_dir: Path) -> tuple[str, list[int], list[float], list[float]]
     return metric, [e.step for e in values], [e.value for e in values], [seconds.get(e.step, float("nan")) for e in values]
 
 
+def load_measure(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        sys.exit(f"error: {run_dir}/tb has no scalar '{tag}'; it has "
+                 f"{', '.join(sorted(t for t in events.Tags()['scalars'] if t.startswith('train/')))}")
+    values = events.Scalars(tag)
+    return [e.step for e in values], [e.value for e in values]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with a tb/ folder)")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder names)")
     parser.add_argument("--out", type=Path, default=Path("runs.png"))
     parser.add_argument("--title", default="")
+    parser.add_argument("--measures", nargs="+", default=[], metavar="TAG",
+                        help="scalars to draw against meta-step below the curves, one panel each "
+                             "(for example train/inner_grad_norm)")
     args = parser.parse_args(argv)
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -47,11 +68,21 @@ def main(argv=None) -> None:
     except ImportError:
         sys.exit('error: matplotlib is not installed; pip install -e ".[plot]"')
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig = plt.figure(figsize=(11, 4 + 2.5 * len(args.measures)), constrained_layout=True)
+    grid = fig.add_gridspec(1 + len(args.measures), 2, height_ratios=[4] + [2.5] * len(args.measures))
+    by_step, by_time = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    measures = [fig.add_subplot(grid[1 + row, :]) for row in range(len(args.measures))]
     for run, label in zip(args.runs, labels):
         metric, steps, values, seconds = load_curve(run)
         by_step.plot(steps, values, marker="o", markersize=3, label=label)
         by_time.plot([s / 60 for s in seconds], values, marker="o", markersize=3, label=label)
+        for ax, tag in zip(measures, args.measures):
+            ax.plot(*load_measure(run, tag), linewidth=0.8, label=label)
+    for ax, tag in zip(measures, args.measures):
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel(tag)
+        ax.grid(alpha=0.3)
+        ax.legend()
     ylabel = "validation accuracy (%)" if metric.endswith("accuracy") else "validation MSE"
     for ax, xlabel in ((by_step, "meta-step"), (by_time, "meta-training time (minutes)")):
         ax.set_xlabel(xlabel)

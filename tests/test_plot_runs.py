@@ -23,10 +23,19 @@ def plot(*args):
 def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    validations = {}
-    evaluate = loop.evaluate
+    from imaml_cli.engine.logging import TensorBoard
+
+    validations, norms = {}, {}
+    evaluate, scalars = loop.evaluate, TensorBoard.scalars
     for name, lam in (("a", 0.5), ("b", 2.0)):
         scores = validations[name] = []
+        logged = norms[name] = {}
+
+        def recording_scalars(board, prefix, values, step, logged=logged):
+            if prefix == "train" and "inner_grad_norm" in values:
+                logged[step] = values["inner_grad_norm"]
+            return scalars(board, prefix, values, step)
+        monkeypatch.setattr(TensorBoard, "scalars", recording_scalars)
 
         def recording(*args, scores=scores, **kwargs):
             result = evaluate(*args, **kwargs)
@@ -34,7 +43,7 @@ def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
                 scores.append(result.mean)
             return result
         monkeypatch.setattr(loop, "evaluate", recording)
-        train(compose(QUICK + [f"algorithm.lam={lam}"]), tmp_path / name)
+        train(compose(QUICK + [f"algorithm.lam={lam}", "train.log_every=1"]), tmp_path / name)
     saved = []
     save = Figure.savefig
 
@@ -43,11 +52,17 @@ def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
         return save(figure, *args, **kwargs)
     monkeypatch.setattr(Figure, "savefig", keep_and_save)
     out = tmp_path / "plot.png"
-    plot(tmp_path / "a", tmp_path / "b", "--labels", "lam 0.5", "lam 2", "--out", out)
+    plot(tmp_path / "a", tmp_path / "b", "--labels", "lam 0.5", "lam 2", "--out", out,
+         "--measures", "train/inner_grad_norm")
 
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (figure,) = saved
-    by_step, by_time = figure.axes
+    by_step, by_time, grad_norm = figure.axes
+    # The measurement panel: each run's ‖∇G(φ)‖ as training logged it, at the steps it logged it.
+    assert grad_norm.get_ylabel() == "train/inner_grad_norm"
+    for line, name in zip(grad_norm.lines, "ab"):
+        assert list(line.get_xdata()) == sorted(norms[name]) and len(norms[name]) >= 2
+        assert list(line.get_ydata()) == pytest.approx([norms[name][k] for k in sorted(norms[name])], rel=1e-6)
     assert by_step.get_ylabel() == by_time.get_ylabel() == "validation MSE"
     # One curve per run, each the run's own validations (QUICK validates at steps 2 and 4), as
     # TensorBoard stores them (float32).
@@ -59,6 +74,12 @@ def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
     for line, twin in zip(by_time.lines, by_step.lines):
         minutes = list(line.get_xdata())
         assert list(line.get_ydata()) == list(twin.get_ydata()) and 0 < minutes[0] < minutes[1]
+
+
+def test_a_measure_the_run_did_not_log_is_named(tmp_path):
+    train(compose(QUICK), tmp_path / "run")
+    with pytest.raises(SystemExit, match="has no scalar 'train/nonsense'; it has .*train/inner_grad_norm"):
+        plot(tmp_path / "run", "--measures", "train/nonsense", "--out", tmp_path / "x.png")
 
 
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
