@@ -93,9 +93,11 @@ def main(argv=None) -> None:
 
         return vmap(one)(phi, tasks.support_x, tasks.support_y)
 
-    solvers = [(f"GD, {n} steps (lr {config['inner_solver']['lr']}, backtracking)",
-                GradientDescent(n, config["inner_solver"]["lr"], config["inner_solver"]["backtrack"])) for n in args.gd]
     inner_cfg = config["inner_solver"]
+    # With `--set inner_solver.tol=…` a GD count is a cap, as training and imaml-eval use it.
+    until = f", to ‖∇G‖ ≤ {inner_cfg['tol']}" if inner_cfg["tol"] else ""
+    solvers = [(f"GD, {n} steps (lr {inner_cfg['lr']}, backtracking{until})",
+                GradientDescent(n, inner_cfg["lr"], inner_cfg["backtrack"], inner_cfg["tol"])) for n in args.gd]
     newton = f"{inner_cfg['curvature']}" + (f", LM from μ = {inner_cfg['lm_damping']}" if inner_cfg["lm_damping"] else "")
     solvers += [(f"HF, {n} Newton iterations x {cg} CG ({newton})",
                  NewtonCG(n, cg, config["perf"]["hvp"], inner_cfg["curvature"], inner_cfg["lm_damping"]))

@@ -142,3 +142,19 @@ def test_the_inner_solver_diagnostics_run_on_a_checkpoint(published, where):
     numbers = [float(x.strip().rstrip("%")) for row in rows for cell in row[1:] for x in cell.split(",")]
     assert all(math.isfinite(x) for x in numbers)
     assert float(rows[0][-1]) == 1.0  # the first solver's meta-gradient against itself
+
+
+def test_the_inner_solver_diagnostics_take_a_tolerance_as_training_does(published):
+    """With ``--set inner_solver.tol`` above any gradient, GD stops at θ: its row is GD with no step."""
+    tmp, _, _ = published
+
+    def gd_rows(*extra):
+        done = script("inner_solver_convergence.py", tmp / "run" / "checkpoints" / "last.pt", "--tasks", "2",
+                      "--hf", "--power-iterations", "2", *extra, cwd=tmp)
+        assert done.returncode == 0, done.stderr
+        return [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| GD")]
+
+    (stopped,) = gd_rows("--gd", "5", "--set", "inner_solver.tol=1e9")
+    at_theta, five_steps = gd_rows("--gd", "1", "5")
+    assert "to ‖∇G‖ ≤ 1000000000.0" in stopped[0]
+    assert stopped[1:3] == at_theta[1:3] != five_steps[1:3]  # proximal objective and ‖∇G(φ)‖
