@@ -1,10 +1,12 @@
 """Validation accuracy against meta-step and against training time, for one or more runs.
 
     python scripts/plot_runs.py outputs/imaml outputs/maml --labels iMAML MAML --out docs/runs.png
+    python scripts/plot_runs.py --results pretrained/results.json --out docs/omniglot_paper_runs.png
 
 Reads each run directory's TensorBoard events (``val/accuracy`` or ``val/mse`` and
 ``val/train_seconds``: meta-training time without validation) and draws two panels into a PNG.
-``--measures`` adds a panel per named scalar against meta-step, for the measurements of iMAML's
+``--results`` adds the validation curve each published row keeps (``scripts/publish_pretrained.py``
+stores it), so the published runs plot without their run folders. ``--measures`` adds a panel per named scalar against meta-step, for the measurements of iMAML's
 assumptions over a run (README: "Is the inner problem solved?"):
 
     python scripts/plot_runs.py ~/imaml-runs/5w1s_imaml_gd_20k --measures train/inner_grad_norm \
@@ -18,9 +20,13 @@ import sys
 from pathlib import Path
 
 
-def load_curve(run_dir: Path) -> tuple[str, list[int], list[float], list[float]]:
+def load_curve(run_dir: Path) -> dict:
+    """The run's validations: ``metric``, and per validation ``steps``, ``values`` and
+    ``train_seconds`` (meta-training time before it; NaN where the run did not log it)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not (run_dir / "tb").is_dir():
+        sys.exit(f"error: {run_dir} has no tb/ folder; pass the run directories that imaml-train wrote")
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
@@ -29,7 +35,17 @@ def load_curve(run_dir: Path) -> tuple[str, list[int], list[float], list[float]]
         sys.exit(f"error: {run_dir}/tb has no validation scalars; was train.val_every 0?")
     values = events.Scalars(metric)
     seconds = {e.step: e.value for e in events.Scalars("val/train_seconds")} if "val/train_seconds" in tags else {}
-    return metric, [e.step for e in values], [e.value for e in values], [seconds.get(e.step, float("nan")) for e in values]
+    return {"metric": metric, "steps": [e.step for e in values], "values": [e.value for e in values],
+            "train_seconds": [seconds.get(e.step, float("nan")) for e in values]}
+
+
+def published_curves(results: Path) -> list[tuple[str, dict]]:
+    """(label, curve) for each row of a results.json that keeps its validation curve."""
+    import json
+
+    rows = json.loads(results.read_text())
+    return [(f"{r['algorithm']}-{r['inner_solver']} {r['ways']}-way {r['shots']}-shot", r["validation"])
+            for r in rows if r.get("validation")]
 
 
 def load_measure(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
@@ -46,7 +62,8 @@ def load_measure(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with a tb/ folder)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories (each with a tb/ folder)")
+    parser.add_argument("--results", type=Path, help="a results.json: also each row's stored validation curve")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder names)")
     parser.add_argument("--out", type=Path, default=Path("runs.png"))
     parser.add_argument("--title", default="")
@@ -57,9 +74,13 @@ def main(argv=None) -> None:
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         sys.exit(f"error: {len(labels)} labels for {len(args.runs)} runs; give one label per run")
-    for run in args.runs:
-        if not (run / "tb").is_dir():
-            sys.exit(f"error: {run} has no tb/ folder; pass the run directories that imaml-train wrote")
+    curves = [(label, load_curve(run), run) for run, label in zip(args.runs, labels)]
+    if args.results:
+        if not args.results.is_file():
+            sys.exit(f"error: {args.results} does not exist; pass pretrained/results.json")
+        curves += [(label, curve, None) for label, curve in published_curves(args.results)]
+    if not curves:
+        sys.exit("error: nothing to plot; pass run directories or --results with rows that keep a curve")
     try:
         import matplotlib
 
@@ -72,18 +93,21 @@ def main(argv=None) -> None:
     grid = fig.add_gridspec(1 + len(args.measures), 2, height_ratios=[4] + [2.5] * len(args.measures))
     by_step, by_time = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     measures = [fig.add_subplot(grid[1 + row, :]) for row in range(len(args.measures))]
-    for run, label in zip(args.runs, labels):
-        metric, steps, values, seconds = load_curve(run)
-        by_step.plot(steps, values, marker="o", markersize=3, label=label)
-        by_time.plot([s / 60 for s in seconds], values, marker="o", markersize=3, label=label)
-        for ax, tag in zip(measures, args.measures):
+    for label, curve, run in curves:
+        by_step.plot(curve["steps"], curve["values"], marker="o", markersize=3, label=label)
+        by_time.plot([s / 60 for s in curve["train_seconds"]], curve["values"], marker="o", markersize=3, label=label)
+        # A published row keeps its validation curve only, so it has no measurement panels.
+        for ax, tag in zip(measures, args.measures if run else []):
             ax.plot(*load_measure(run, tag), linewidth=0.8, label=label)
     for ax, tag in zip(measures, args.measures):
         ax.set_xlabel("meta-step")
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
         ax.legend()
-    ylabel = "validation accuracy (%)" if metric.endswith("accuracy") else "validation MSE"
+    metrics = {curve["metric"] for _, curve, _ in curves}
+    if len(metrics) > 1:
+        sys.exit(f"error: the runs validate on different metrics ({', '.join(sorted(metrics))}); plot them apart")
+    ylabel = "validation accuracy (%)" if metrics.pop().endswith("accuracy") else "validation MSE"
     for ax, xlabel in ((by_step, "meta-step"), (by_time, "meta-training time (minutes)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

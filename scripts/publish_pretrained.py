@@ -71,7 +71,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "scripts"))
     from omegaconf import OmegaConf
+    from plot_runs import load_curve
 
     from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 
@@ -79,6 +81,8 @@ def main(argv=None) -> None:
     if not (run / "results.json").is_file():
         fail(f"{run} has no results.json: the run has not finished; rerun its command to continue it")
     finished = json.loads((run / "results.json").read_text())
+    # Kept in the row, so the published curves plot after the run folder is gone (plot_runs.py --results).
+    curve = load_curve(run)
     source = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").is_file() else "last.pt")
     state = load_checkpoint(source)
     config = OmegaConf.to_container(OmegaConf.create(state["config"]))
@@ -103,6 +107,8 @@ def main(argv=None) -> None:
         "test_accuracy": round(result["mean"], 2), "ci95": round(result["ci95"], 2),
         "checkpoint": str(relative), "command": args.command or training_command(args.run),
         "hardware": args.hardware or describe_hardware(), "wall_clock_s": round(finished["wall_clock_s"]),
+        "validation": {**curve, "values": [round(v, 4) for v in curve["values"]],
+                       "train_seconds": [round(t, 1) for t in curve["train_seconds"]]},
     }
     table = args.out / "results.json"
     rows = json.loads(table.read_text()) if table.is_file() else []

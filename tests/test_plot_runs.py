@@ -1,3 +1,4 @@
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -74,6 +75,25 @@ def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
     for line, twin in zip(by_time.lines, by_step.lines):
         minutes = list(line.get_xdata())
         assert list(line.get_ydata()) == list(twin.get_ydata()) and 0 < minutes[0] < minutes[1]
+
+
+def test_plots_the_curves_published_rows_keep(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    curve = {"metric": "val/accuracy", "steps": [100, 200], "values": [80.5, 91.25], "train_seconds": [60.0, 150.0]}
+    rows = [{"algorithm": "imaml", "inner_solver": "gd", "ways": 5, "shots": 1, "validation": curve},
+            {"algorithm": "maml", "inner_solver": "gd", "ways": 5, "shots": 1}]  # published before curves were kept
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(rows))
+    saved = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: (saved.append(figure), save(figure, *a, **k)))
+    plot("--results", results, "--out", tmp_path / "plot.png")
+    by_step, by_time = saved[0].axes
+    (line,) = by_step.lines
+    assert line.get_label() == "imaml-gd 5-way 1-shot"
+    assert list(line.get_xdata()) == [100, 200] and list(line.get_ydata()) == [80.5, 91.25]
+    assert list(by_time.lines[0].get_xdata()) == [1.0, 2.5]  # minutes
 
 
 def test_a_measure_the_run_did_not_log_is_named(tmp_path):

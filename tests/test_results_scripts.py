@@ -62,6 +62,15 @@ def test_a_published_row_has_every_field_and_a_small_parameters_only_file(publis
     assert "optimizer" not in state and set(state["params"]) and (out / "tiny.pt").stat().st_size < 1 << 20
 
 
+def test_a_published_row_keeps_its_validation_curve_as_the_run_logged_it(published):
+    tmp, _, rows = published
+    logged = re.findall(r"meta-step (\d+): val accuracy ([0-9.]+)%", (tmp / "run" / "train.log").read_text())
+    curve = rows[0]["validation"]
+    assert curve["metric"] == "val/accuracy" and curve["steps"] == [int(step) for step, _ in logged] == [1, 2]
+    assert curve["values"] == pytest.approx([float(value) for _, value in logged], abs=0.006)
+    assert 0 < curve["train_seconds"][0] < curve["train_seconds"][1]
+
+
 def test_imaml_eval_of_the_published_file_prints_the_rows_accuracy(published):
     tmp, out, rows = published
     done = run_cli("imaml-eval", f"checkpoint={out / 'tiny.pt'}", f"hydra.run.dir={tmp / 'eval'}", cwd=tmp)
