@@ -9,7 +9,7 @@
 #
 # Further arguments are imaml-train overrides; the data root is $OMNIGLOT (default: ../shared's copy).
 set -euo pipefail
-row=${1:?"row: one of 5w1s_imaml_gd 5w1s_imaml_hf 5w1s_maml 5w1s_fomaml 5w1s_reptile 5w5s_imaml_gd 20w1s_imaml_gd"}
+row=${1:?"row: one of 5w1s_imaml_gd 5w1s_imaml_hf 5w1s_maml 5w1s_fomaml 5w1s_reptile 5w5s_imaml_gd 20w1s_imaml_gd 20w5s_imaml_gd"}
 runs=${2:-$HOME/imaml-runs}
 case $row in
   5w1s_imaml_gd)  args=(experiment=omniglot_5w1s  algorithm=imaml   inner_solver=gd train.meta_steps=5000) ;;

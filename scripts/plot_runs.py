@@ -1,16 +1,18 @@
 """Validation accuracy against meta-step and against training time, for one or more runs.
 
     python scripts/plot_runs.py outputs/imaml outputs/maml --labels iMAML MAML --out docs/runs.png
-    python scripts/plot_runs.py --results pretrained/results.json --out docs/omniglot_paper_runs.png
+    python scripts/plot_runs.py --results pretrained/results.json --out published_runs.png
 
 Reads each run directory's TensorBoard events (``val/accuracy`` or ``val/mse`` and
 ``val/train_seconds``: meta-training time without validation) and draws two panels into a PNG.
 ``--results`` adds the validation curve each published row keeps (``scripts/publish_pretrained.py``
-stores it), so the published runs plot without their run folders. ``--measures`` adds a panel per named scalar against meta-step, for the measurements of iMAML's
-assumptions over a run (README: "Is the inner problem solved?"):
+stores it; rows published before it did have none), so published runs plot without their run
+folders. ``--measures`` adds a panel per named scalar against meta-step, for the measurements of
+iMAML's assumptions over a run (README: "Is the inner problem solved?"); put the run directories
+first, since ``--measures`` takes every word after it:
 
     python scripts/plot_runs.py ~/imaml-runs/5w1s_imaml_gd_20k --measures train/inner_grad_norm \
-        train/inner_halvings --out docs/flagship.png
+        train/inner_halvings --out flagship.png
 
 Needs matplotlib (``pip install -e ".[plot]"``).
 """
@@ -20,31 +22,45 @@ import sys
 from pathlib import Path
 
 
-def load_curve(run_dir: Path) -> dict:
+def read_validation(run_dir: Path) -> dict | None:
     """The run's validations: ``metric``, and per validation ``steps``, ``values`` and
-    ``train_seconds`` (meta-training time before it; NaN where the run did not log it)."""
+    ``train_seconds`` (meta-training time before it; NaN where the run did not log it); None where
+    the run has no validation scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    if not (run_dir / "tb").is_dir():
-        sys.exit(f"error: {run_dir} has no tb/ folder; pass the run directories that imaml-train wrote")
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
     metric = next((t for t in ("val/accuracy", "val/mse") if t in tags), None)
     if metric is None:
-        sys.exit(f"error: {run_dir}/tb has no validation scalars; was train.val_every 0?")
+        return None
     values = events.Scalars(metric)
     seconds = {e.step: e.value for e in events.Scalars("val/train_seconds")} if "val/train_seconds" in tags else {}
     return {"metric": metric, "steps": [e.step for e in values], "values": [e.value for e in values],
             "train_seconds": [seconds.get(e.step, float("nan")) for e in values]}
 
 
+def load_curve(run_dir: Path) -> dict:
+    if not (run_dir / "tb").is_dir():
+        sys.exit(f"error: {run_dir} has no tb/ folder; pass the run directories that imaml-train wrote")
+    curve = read_validation(run_dir)
+    if curve is None:
+        sys.exit(f"error: {run_dir}/tb has no validation scalars; was train.val_every 0?")
+    return curve
+
+
 def published_curves(results: Path) -> list[tuple[str, dict]]:
     """(label, curve) for each row of a results.json that keeps its validation curve."""
     import json
 
+    def name(row: dict) -> str:
+        algorithm = f"iMAML-{row['inner_solver'].upper()}" if row["algorithm"] == "imaml" else row["algorithm"]
+        return f"{row['dataset']} {row['ways']}-way {row['shots']}-shot {algorithm}"
+
     rows = json.loads(results.read_text())
-    return [(f"{r['algorithm']}-{r['inner_solver']} {r['ways']}-way {r['shots']}-shot", r["validation"])
+    # Seconds a run did not log are stored as null.
+    return [(name(r), {**r["validation"], "train_seconds": [float("nan") if t is None else t
+                                                           for t in r["validation"]["train_seconds"]]})
             for r in rows if r.get("validation")]
 
 
@@ -80,7 +96,13 @@ def main(argv=None) -> None:
             sys.exit(f"error: {args.results} does not exist; pass pretrained/results.json")
         curves += [(label, curve, None) for label, curve in published_curves(args.results)]
     if not curves:
-        sys.exit("error: nothing to plot; pass run directories or --results with rows that keep a curve")
+        sys.exit("error: nothing to plot; pass run directories (before --measures, which takes every word "
+                 "after it) or --results with rows that keep a curve")
+    if args.measures and not args.runs:
+        sys.exit("error: --measures needs run directories: published rows keep only their validation curve")
+    metrics = {curve["metric"] for _, curve, _ in curves}
+    if len(metrics) > 1:
+        sys.exit(f"error: the runs validate on different metrics ({', '.join(sorted(metrics))}); plot them apart")
     try:
         import matplotlib
 
@@ -97,16 +119,13 @@ def main(argv=None) -> None:
         by_step.plot(curve["steps"], curve["values"], marker="o", markersize=3, label=label)
         by_time.plot([s / 60 for s in curve["train_seconds"]], curve["values"], marker="o", markersize=3, label=label)
         # A published row keeps its validation curve only, so it has no measurement panels.
-        for ax, tag in zip(measures, args.measures if run else []):
+        for ax, tag in zip(measures, args.measures if run is not None else []):
             ax.plot(*load_measure(run, tag), linewidth=0.8, label=label)
     for ax, tag in zip(measures, args.measures):
         ax.set_xlabel("meta-step")
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
         ax.legend()
-    metrics = {curve["metric"] for _, curve, _ in curves}
-    if len(metrics) > 1:
-        sys.exit(f"error: the runs validate on different metrics ({', '.join(sorted(metrics))}); plot them apart")
     ylabel = "validation accuracy (%)" if metrics.pop().endswith("accuracy") else "validation MSE"
     for ax, xlabel in ((by_step, "meta-step"), (by_time, "meta-training time (minutes)")):
         ax.set_xlabel(xlabel)

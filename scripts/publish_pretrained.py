@@ -11,6 +11,7 @@ Run it from the repository root, on the machine that trained the run (``hardware
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "scripts"))
     from omegaconf import OmegaConf
-    from plot_runs import load_curve
+    from plot_runs import read_validation
 
     from imaml_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 
@@ -81,8 +82,9 @@ def main(argv=None) -> None:
     if not (run / "results.json").is_file():
         fail(f"{run} has no results.json: the run has not finished; rerun its command to continue it")
     finished = json.loads((run / "results.json").read_text())
-    # Kept in the row, so the published curves plot after the run folder is gone (plot_runs.py --results).
-    curve = load_curve(run)
+    # Kept in the row, so the published curves plot after the run folder is gone (plot_runs.py
+    # --results); a run that never validated has none.
+    curve = read_validation(run) if (run / "tb").is_dir() else None
     source = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").is_file() else "last.pt")
     state = load_checkpoint(source)
     config = OmegaConf.to_container(OmegaConf.create(state["config"]))
@@ -107,15 +109,17 @@ def main(argv=None) -> None:
         "test_accuracy": round(result["mean"], 2), "ci95": round(result["ci95"], 2),
         "checkpoint": str(relative), "command": args.command or training_command(args.run),
         "hardware": args.hardware or describe_hardware(), "wall_clock_s": round(finished["wall_clock_s"]),
-        "validation": {**curve, "values": [round(v, 4) for v in curve["values"]],
-                       "train_seconds": [round(t, 1) for t in curve["train_seconds"]]},
     }
+    if curve:
+        # Strict JSON has no NaN: seconds the run did not log are null.
+        row["validation"] = {**curve, "values": [round(v, 4) for v in curve["values"]],
+                             "train_seconds": [None if math.isnan(t) else round(t, 1) for t in curve["train_seconds"]]}
     table = args.out / "results.json"
     rows = json.loads(table.read_text()) if table.is_file() else []
     rows = [r for r in rows if r["checkpoint"] != row["checkpoint"]] + [row]
     rows.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["algorithm"], r["inner_solver"]))
     tmp = table.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
     tmp.replace(table)
     print(f"{relative}: {row['test_accuracy']:.2f}% ± {row['ci95']:.2f} on {row['episodes']} test episodes, "
           f"{row['queries']} quer{'y' if row['queries'] == 1 else 'ies'} per class; row written to {table}")

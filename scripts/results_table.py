@@ -26,8 +26,8 @@ PAPER = {
     ("imaml", "gd"): ("iMAML-GD", ("99.16 ± 0.35", "99.67 ± 0.12", "94.46 ± 0.42", "98.69 ± 0.1")),
     ("imaml", "hf"): ("iMAML-HF", ("99.50 ± 0.26", "99.74 ± 0.11", "96.18 ± 0.36", "99.14 ± 0.1")),
 }
-PAPER_BUDGET = "20,000 meta-steps"
 PAPER_META_STEPS = 20_000
+PAPER_BUDGET = f"{PAPER_META_STEPS:,} meta-steps"
 
 
 def duration(seconds: float) -> str:

@@ -1,4 +1,5 @@
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -80,9 +81,10 @@ def test_plots_validation_curves_of_two_runs(tmp_path, monkeypatch):
 def test_plots_the_curves_published_rows_keep(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    curve = {"metric": "val/accuracy", "steps": [100, 200], "values": [80.5, 91.25], "train_seconds": [60.0, 150.0]}
-    rows = [{"algorithm": "imaml", "inner_solver": "gd", "ways": 5, "shots": 1, "validation": curve},
-            {"algorithm": "maml", "inner_solver": "gd", "ways": 5, "shots": 1}]  # published before curves were kept
+    curve = {"metric": "val/accuracy", "steps": [100, 200, 300], "values": [80.5, 91.25, 92.0],
+             "train_seconds": [60.0, 150.0, None]}  # null: a validation whose time the run did not log
+    rows = [{"dataset": "omniglot", "algorithm": "imaml", "inner_solver": "gd", "ways": 5, "shots": 1, "validation": curve},
+            {"dataset": "omniglot", "algorithm": "maml", "inner_solver": "gd", "ways": 5, "shots": 1}]  # no curve kept
     results = tmp_path / "results.json"
     results.write_text(json.dumps(rows))
     saved = []
@@ -91,9 +93,11 @@ def test_plots_the_curves_published_rows_keep(tmp_path, monkeypatch):
     plot("--results", results, "--out", tmp_path / "plot.png")
     by_step, by_time = saved[0].axes
     (line,) = by_step.lines
-    assert line.get_label() == "imaml-gd 5-way 1-shot"
-    assert list(line.get_xdata()) == [100, 200] and list(line.get_ydata()) == [80.5, 91.25]
-    assert list(by_time.lines[0].get_xdata()) == [1.0, 2.5]  # minutes
+    assert line.get_label() == "omniglot 5-way 1-shot iMAML-GD"
+    assert list(line.get_xdata()) == [100, 200, 300] and list(line.get_ydata()) == [80.5, 91.25, 92.0]
+    assert list(by_time.lines[0].get_xdata()[:2]) == [1.0, 2.5] and math.isnan(by_time.lines[0].get_xdata()[2])
+    with pytest.raises(SystemExit, match="--measures needs run directories"):
+        plot("--results", results, "--measures", "train/inner_grad_norm", "--out", tmp_path / "plot.png")
 
 
 def test_a_measure_the_run_did_not_log_is_named(tmp_path):
