@@ -109,3 +109,22 @@ def test_a_measure_the_run_did_not_log_is_named(tmp_path):
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     with pytest.raises(SystemExit, match=f"{tmp_path} has no tb/ folder"):
         plot(tmp_path)
+
+
+def test_a_run_that_never_validated_has_no_curve_to_publish(tmp_path):
+    """publish_pretrained.py keeps a row's curve only where the run validated (train.val_every=0 runs
+    publish without one); plot_runs.py names the missing scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from plot_runs import read_validation
+
+    with SummaryWriter(tmp_path / "tb") as writer:
+        writer.add_scalar("train/loss", 1.0, 1)
+    assert read_validation(tmp_path) is None
+    with pytest.raises(SystemExit, match="no validation scalars"):
+        plot(tmp_path)
+    with SummaryWriter(tmp_path / "tb") as writer:
+        writer.add_scalar("val/accuracy", 50.0, 2)
+    assert read_validation(tmp_path) == {"metric": "val/accuracy", "steps": [2], "values": [50.0],
+                                         "train_seconds": [pytest.approx(float("nan"), nan_ok=True)]}
