@@ -18,18 +18,26 @@ Needs matplotlib (``pip install -e ".[plot]"``).
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
+
+
+@functools.lru_cache(maxsize=None)
+def read_events(run_dir: Path):
+    """The run's TensorBoard scalars, read once however many curves and measures a plot takes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
 
 
 def read_validation(run_dir: Path) -> dict | None:
     """The run's validations: ``metric``, and per validation ``steps``, ``values`` and
     ``train_seconds`` (meta-training time before it; NaN where the run did not log it); None where
     the run has no validation scalars."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
+    events = read_events(run_dir)
     tags = events.Tags()["scalars"]
     metric = next((t for t in ("val/accuracy", "val/mse") if t in tags), None)
     if metric is None:
@@ -65,10 +73,7 @@ def published_curves(results: Path) -> list[tuple[str, dict]]:
 
 
 def load_measure(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
+    events = read_events(run_dir)
     if tag not in events.Tags()["scalars"]:
         sys.exit(f"error: {run_dir}/tb has no scalar '{tag}'; it has "
                  f"{', '.join(sorted(t for t in events.Tags()['scalars'] if t.startswith('train/')))}")
