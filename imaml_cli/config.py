@@ -71,6 +71,12 @@ def _optional_numbers(minimum: float, inclusive: bool) -> tuple[Callable[[Any], 
             f"null or a list of numbers, each {accepted.removeprefix('a number ')}")
 
 
+def _increasing_ints(minimum: int) -> tuple[Callable[[Any], bool], str]:
+    check, _ = _int(minimum)
+    return ((lambda v: isinstance(v, list) and all(map(check, v)) and all(a < b for a, b in zip(v, v[1:]))),
+            f"a list of increasing integers >= {minimum}, e.g. [1900] or [250,600]")
+
+
 def _fractions() -> tuple[Callable[[Any], bool], str]:
     check, _ = _number(0, inclusive=True)
     return ((lambda v: isinstance(v, list) and len(v) == 3 and all(map(check, v)) and abs(sum(v) - 1) < 1e-6),
@@ -116,8 +122,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outer_optimizer.weight_decay": _number(0, inclusive=True),
     "outer_optimizer.momentum": _number(0, inclusive=True),
     "outer_optimizer.eps": _number(0, inclusive=False),
-    "outer_optimizer.schedule": _choice("constant", "cosine"),
+    "outer_optimizer.schedule": _choice("constant", "cosine", "step"),
     "outer_optimizer.min_lr_fraction": _fraction(),
+    "outer_optimizer.milestones": _increasing_ints(1),
+    "outer_optimizer.gamma": _number(0, inclusive=False),
     "outer_optimizer.warmup_steps": _int(0),
     "train.meta_steps": _int(1),
     "train.meta_batch_size": _int(1),
@@ -236,6 +244,9 @@ def _check_combinations(c: dict[str, Any]) -> None:
             and not (c["inner_solver.backtrack"] and c["algorithm.name"] == "imaml")):
         raise UserError("inner_solver.tol steers iMAML's backtracking gradient descent; "
                         "use it with algorithm=imaml and inner_solver.backtrack=true")
+    if (c["outer_optimizer.schedule"] == "step") != bool(c["outer_optimizer.milestones"]):
+        raise UserError("outer_optimizer.milestones go with outer_optimizer.schedule=step, and it needs them; "
+                        "set both, e.g. outer_optimizer.schedule=step outer_optimizer.milestones=[1900]")
     batched_only = c["inner_solver.curvature"] == "gauss_newton" or c["inner_solver.lm_damping"] > 0
     if (c["inner_solver.name"] == "hf" and batched_only
             and (model == "custom" or not (c["perf.fused"] and c["perf.vectorize"]))):
