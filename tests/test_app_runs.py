@@ -117,6 +117,35 @@ def test_resume_from_a_given_checkpoint_into_a_new_run(tmp_path):
         train(compose(["train.meta_steps=6", f"train.resume={checkpoint}"]), tmp_path / "third")
 
 
+@pytest.mark.parametrize("resume_from", ["best", "last", "lone"])
+def test_a_run_continued_in_a_new_folder_tests_the_checkpoint_its_best_score_belongs_to(tmp_path, resume_from):
+    """The first run's best validation is made unbeatable (MSE 0), so the continued run's score stays
+    that one: its test must then use the first run's best state, whether that is the state resumed
+    from (best.pt) or the best.pt beside the last.pt resumed from. A checkpoint alone, without its
+    best.pt, cannot vouch for a best: the continued run counts its own."""
+    train(compose(QUICK + ["train.meta_steps=3"]), tmp_path / "first")  # validated at 2, stopped at 3
+    first = tmp_path / "first" / "checkpoints"
+    source = tmp_path / "source" / "checkpoints"
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(first / name)
+        save_checkpoint({**state, "best_score": 0.0}, source / name)
+    if resume_from == "lone":
+        (source / "best.pt").unlink()
+    best_state = load_checkpoint(first / "best.pt")
+    resume = source / ("best.pt" if resume_from == "best" else "last.pt")
+    train(compose(QUICK + ["train.meta_steps=8", "train.val_every=2", f"train.resume={resume}"]), tmp_path / "second")
+    result = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert result["checkpoint"] == "best"
+    kept = load_checkpoint(tmp_path / "second" / "checkpoints" / "best.pt")
+    if resume_from == "lone":
+        assert result["best_step"] > 3 and result["best_val"] > 0 and kept["step"] == result["best_step"]
+    else:
+        assert (result["best_val"], result["best_step"]) == (0.0, best_state["step"])
+        assert kept["step"] == best_state["step"]
+        for k in best_state["params"]:
+            assert torch.equal(kept["params"][k], best_state["params"][k]), k
+
+
 def test_a_run_directory_with_other_settings_is_refused(tmp_path):
     train(compose(QUICK), tmp_path)
     with pytest.raises(UserError, match=r"holds a run with other settings \(algorithm.lam\)"):

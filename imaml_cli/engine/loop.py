@@ -210,14 +210,15 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
     recent = collections.deque(maxlen=ASSUMPTIONS_WINDOW)  # each meta-step's ASSUMPTIONS
     curvature = None  # the last validation's top Hessian eigenvalue at φ (median over tasks)
     if resumed is not None:
-        load_params(network, resumed, tcfg["resume"] or last_path)
+        source = last_path if last_path.exists() else Path(tcfg["resume"])
+        load_params(network, resumed, source)
         if "optimizer" in resumed:
             optimizer.load_state_dict(resumed["optimizer"])
             restore_rng(resumed["rng"], generator)
             step, best, best_step = resumed["step"], resumed.get("best_score"), resumed.get("best_step")
             skipped, elapsed = resumed.get("skipped_steps", 0), resumed.get("elapsed", 0.0)
             if world.is_main:
-                log.info("resuming from %s at meta-step %d", tcfg["resume"] or last_path, step)
+                log.info("resuming from %s at meta-step %d", source, step)
         elif world.is_main:
             # A parameters-only file (pretrained/): fine-tune from its θ with a fresh optimizer.
             log.info("starting from the parameters in %s (meta-step %d there) with a new optimizer",
@@ -237,6 +238,10 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         # No rank may exit before the file is whole: torchrun stops the others when one exits.
         world.barrier()
 
+    carry_best = best_step is not None and not best_path.exists()
+    world.barrier()  # every rank has looked before rank 0 may write it
+    if carry_best:
+        best, best_step = _carry_best(source, step, best, best_step, best_path, checkpoint, world.is_main)
     if world.is_main:
         print(f"run folder: {run_dir}", flush=True)
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
@@ -320,6 +325,25 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         assumptions["top_hessian_eigenvalue"] = curvature
     return _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
                    best_path, results_path, device, assumptions)
+
+
+def _carry_best(source: Path, step: int, best, best_step: int, best_path: Path, checkpoint, is_main: bool):
+    """A run continued in a new folder from another's checkpoint keeps that run's best validation
+    only together with its checkpoint, so that the test at the end uses the state the score belongs
+    to: the resumed state itself when it is the best, else the best.pt beside it. Without either,
+    the best is counted afresh from this folder's validations."""
+    if best_step == step:
+        checkpoint(best_path)
+        return best, best_step
+    beside = source.parent / "best.pt"
+    if beside.exists() and load_checkpoint(beside).get("step") == best_step:
+        if is_main:
+            save_checkpoint(load_checkpoint(beside), best_path)
+        return best, best_step
+    if is_main:
+        log.warning("the best validation of the run resumed from (meta-step %d) has no checkpoint beside %s; "
+                    "this run's best is counted from its own validations", best_step, source)
+    return None, None
 
 
 def _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
