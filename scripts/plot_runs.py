@@ -5,6 +5,8 @@
 
 Reads each run directory's TensorBoard events (``val/accuracy`` or ``val/mse`` and
 ``val/train_seconds``: meta-training time without validation) and draws two panels into a PNG.
+A run continued in a new folder from another run's checkpoint (``train.resume=``) is drawn whole:
+the earlier folder's meta-steps up to the checkpoint, then its own.
 ``--results`` adds the validation curve each published row keeps (``scripts/publish_pretrained.py``
 stores it; rows published before it did have none), so published runs plot without their run
 folders. ``--measures`` adds a panel per named scalar against meta-step, for the measurements of
@@ -19,6 +21,7 @@ Needs matplotlib (``pip install -e ".[plot]"``).
 
 import argparse
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -33,17 +36,56 @@ def read_events(run_dir: Path):
     return events
 
 
+@functools.lru_cache(maxsize=None)
+def lineage(run_dir: Path) -> tuple[tuple[Path, int, float], ...]:
+    """The run folders a run's meta-steps come from, oldest first, each with the meta-steps it
+    contributes (after, up to]: a run continued in a new folder with ``train.resume=`` from a full
+    checkpoint of another run folder holds that run's meta-steps up to the checkpoint's, and so on
+    back. A run started afresh, or from a file outside a run folder, is its own lineage."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from omegaconf import OmegaConf
+
+    from imaml_cli.engine.checkpoint import load_checkpoint
+
+    def branch_point(folder: Path) -> tuple[Path, int] | None:
+        last = folder / "checkpoints" / "last.pt"
+        resume = OmegaConf.create(load_checkpoint(last)["config"]).train.resume if last.is_file() else None
+        if not resume or not Path(resume).is_file() or not (Path(resume).parent.parent / "tb").is_dir():
+            return None
+        state = load_checkpoint(Path(resume))
+        # A parameters-only file (pretrained/) starts a new run rather than continuing one.
+        return (Path(resume).parent.parent, state["step"]) if "optimizer" in state else None
+
+    chain, folder, until, seen = [], run_dir, math.inf, {run_dir.resolve()}
+    # A folder met again (a run resumed from its own best.pt after a damaged last.pt) ends the walk.
+    while (point := branch_point(folder)) and point[0].resolve() not in seen:
+        chain.append((folder, point[1], until))
+        folder, until = point
+        seen.add(folder.resolve())
+    chain.append((folder, 0, until))
+    return tuple(chain[::-1])
+
+
+def _scalars(run_dir: Path, tag: str) -> list:
+    """``tag``'s events over the run's lineage, each meta-step from the folder that holds it."""
+    out = []
+    for folder, after, until in lineage(run_dir):
+        events = read_events(folder)
+        if tag in events.Tags()["scalars"]:
+            out += [e for e in events.Scalars(tag) if after < e.step <= until]
+    return out
+
+
 def read_validation(run_dir: Path) -> dict | None:
-    """The run's validations: ``metric``, and per validation ``steps``, ``values`` and
-    ``train_seconds`` (meta-training time before it; NaN where the run did not log it); None where
-    the run has no validation scalars."""
-    events = read_events(run_dir)
-    tags = events.Tags()["scalars"]
+    """The run's validations over its lineage: ``metric``, and per validation ``steps``, ``values``
+    and ``train_seconds`` (meta-training time before it; NaN where the run did not log it); None
+    where the run has no validation scalars."""
+    tags = read_events(run_dir).Tags()["scalars"]
     metric = next((t for t in ("val/accuracy", "val/mse") if t in tags), None)
     if metric is None:
         return None
-    values = events.Scalars(metric)
-    seconds = {e.step: e.value for e in events.Scalars("val/train_seconds")} if "val/train_seconds" in tags else {}
+    values = _scalars(run_dir, metric)
+    seconds = {e.step: e.value for e in _scalars(run_dir, "val/train_seconds")}
     return {"metric": metric, "steps": [e.step for e in values], "values": [e.value for e in values],
             "train_seconds": [seconds.get(e.step, float("nan")) for e in values]}
 
@@ -77,7 +119,7 @@ def load_measure(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     if tag not in events.Tags()["scalars"]:
         sys.exit(f"error: {run_dir}/tb has no scalar '{tag}'; it has "
                  f"{', '.join(sorted(t for t in events.Tags()['scalars'] if t.startswith('train/')))}")
-    values = events.Scalars(tag)
+    values = _scalars(run_dir, tag)
     return [e.step for e in values], [e.value for e in values]
 
 

@@ -129,3 +129,36 @@ def test_a_run_that_never_validated_has_no_curve_to_publish(tmp_path):
     read_events.cache_clear()  # a script reads a run once; this test rewrites it in between
     assert read_validation(tmp_path) == {"metric": "val/accuracy", "steps": [2], "values": [50.0],
                                          "train_seconds": [pytest.approx(float("nan"), nan_ok=True)]}
+
+
+def test_a_run_continued_from_another_runs_checkpoint_is_drawn_whole(tmp_path):
+    """A branch from the trunk's meta-step-2 checkpoint: its curve is the trunk's validation at 2,
+    then its own at 4 and 6, and not the trunk's at 4 (which the trunk logged after the branch point)."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from plot_runs import lineage, read_events, read_validation
+
+    from imaml_cli.engine.checkpoint import load_checkpoint
+
+    trunk, branch = tmp_path / "trunk", tmp_path / "branch"
+    train(compose(QUICK + ["train.meta_steps=2"]), trunk)
+    shutil.copy(trunk / "checkpoints" / "last.pt", trunk / "checkpoints" / "at2.pt")
+    train(compose(QUICK), trunk)  # the trunk goes on to 4
+    train(compose(QUICK + ["train.meta_steps=6", "outer_optimizer.lr=0.0005",
+                           f"train.resume={trunk / 'checkpoints' / 'at2.pt'}"]), branch)
+    assert load_checkpoint(trunk / "checkpoints" / "at2.pt")["step"] == 2
+
+    def own(run):
+        events = read_events(run).Scalars("val/mse")
+        return {e.step: e.value for e in events}
+    assert sorted(own(trunk)) == [2, 4] and sorted(own(branch)) == [4, 6]
+    assert own(trunk)[4] != pytest.approx(own(branch)[4], rel=1e-4)
+    assert [(f.name, after, until) for f, after, until in lineage(branch)] == \
+        [("trunk", 0, 2), ("branch", 2, math.inf)]
+    curve = read_validation(branch)
+    assert curve["steps"] == [2, 4, 6]
+    assert curve["values"] == [own(trunk)[2], own(branch)[4], own(branch)[6]]
+    assert curve["train_seconds"][0] < curve["train_seconds"][1] < curve["train_seconds"][2]
+    # The trunk alone is its own lineage.
+    assert read_validation(trunk)["steps"] == [2, 4]
