@@ -46,15 +46,24 @@ def lineage(run_dir: Path) -> tuple[tuple[Path, int, float], ...]:
     from omegaconf import OmegaConf
 
     from imaml_cli.engine.checkpoint import load_checkpoint
+    from imaml_cli.errors import UserError
 
     def branch_point(folder: Path) -> tuple[Path, int] | None:
-        last = folder / "checkpoints" / "last.pt"
-        resume = OmegaConf.create(load_checkpoint(last)["config"]).train.resume if last.is_file() else None
-        if not resume or not Path(resume).is_file() or not (Path(resume).parent.parent / "tb").is_dir():
+        try:
+            state = load_checkpoint(folder / "checkpoints" / "last.pt")
+            if state.get("branched_from"):
+                path, step = Path(state["branched_from"]["path"]), state["branched_from"]["step"]
+            else:
+                # Checkpoints written before runs recorded their branch point: the resume file's
+                # step, right as long as that file has not been overwritten since.
+                resume = OmegaConf.create(state["config"]).train.resume
+                resumed = load_checkpoint(Path(resume)) if resume and Path(resume).is_file() else {}
+                if "optimizer" not in resumed:  # none, or parameters only (pretrained/): a new run
+                    return None
+                path, step = Path(resume), resumed["step"]
+        except (UserError, FileNotFoundError):
             return None
-        state = load_checkpoint(Path(resume))
-        # A parameters-only file (pretrained/) starts a new run rather than continuing one.
-        return (Path(resume).parent.parent, state["step"]) if "optimizer" in state else None
+        return (path.parent.parent, step) if (path.parent.parent / "tb").is_dir() else None
 
     chain, folder, until, seen = [], run_dir, math.inf, {run_dir.resolve()}
     # A folder met again (a run resumed from its own best.pt after a damaged last.pt) ends the walk.

@@ -137,6 +137,8 @@ def test_a_run_continued_in_a_new_folder_tests_the_checkpoint_its_best_score_bel
     result = json.loads((tmp_path / "second" / "results.json").read_text())
     assert result["checkpoint"] == "best"
     kept = load_checkpoint(tmp_path / "second" / "checkpoints" / "best.pt")
+    # The continued run's own config (meta_steps 8) in whichever best.pt it keeps.
+    assert "meta_steps: 8" in kept["config"]
     if resume_from == "lone":
         assert result["best_step"] > 3 and result["best_val"] > 0 and kept["step"] == result["best_step"]
     else:

@@ -207,16 +207,22 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         components.build_source(config, "val", device, evaluation=True) if tcfg["val_every"] else None))
 
     step, best, best_step, bad_steps, skipped, elapsed = 0, None, None, 0, 0, 0.0
+    # The other run's checkpoint this run went on from ({"path", "step"}), kept in every checkpoint:
+    # that file may be overwritten later, and plots join the two runs' curves at this step.
+    branched_from, continues_another = None, False
     recent = collections.deque(maxlen=ASSUMPTIONS_WINDOW)  # each meta-step's ASSUMPTIONS
     curvature = None  # the last validation's top Hessian eigenvalue at φ (median over tasks)
     if resumed is not None:
-        source = last_path if last_path.exists() else Path(tcfg["resume"])
+        source = last_path if last_path.exists() else Path(tcfg["resume"]).resolve()
         load_params(network, resumed, source)
         if "optimizer" in resumed:
             optimizer.load_state_dict(resumed["optimizer"])
             restore_rng(resumed["rng"], generator)
             step, best, best_step = resumed["step"], resumed.get("best_score"), resumed.get("best_step")
             skipped, elapsed = resumed.get("skipped_steps", 0), resumed.get("elapsed", 0.0)
+            continues_another = source != last_path
+            branched_from = ({"path": str(source), "step": step} if continues_another
+                             else resumed.get("branched_from"))
             if world.is_main:
                 log.info("resuming from %s at meta-step %d", source, step)
         elif world.is_main:
@@ -226,11 +232,14 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
 
     higher_is_better = components.task_kind(config) == "classification"
 
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
+
     def state() -> dict:
         return {"step": step, "params": {k: v.detach().cpu() for k, v in params.items()},
                 "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-                "config": OmegaConf.to_yaml(OmegaConf.create(config)), "best_score": best,
-                "best_step": best_step, "skipped_steps": skipped, "elapsed": elapsed}
+                "config": config_yaml, "best_score": best,
+                "best_step": best_step, "skipped_steps": skipped, "elapsed": elapsed,
+                "branched_from": branched_from}
 
     def checkpoint(path: Path) -> None:
         if world.is_main:
@@ -238,10 +247,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         # No rank may exit before the file is whole: torchrun stops the others when one exits.
         world.barrier()
 
-    carry_best = best_step is not None and not best_path.exists()
-    world.barrier()  # every rank has looked before rank 0 may write it
-    if carry_best:
-        best, best_step = _carry_best(source, step, best, best_step, best_path, checkpoint, world.is_main)
+    if continues_another and best_step is not None:
+        best, best_step = _carry_best(source, step, best, best_step, best_path, checkpoint, config_yaml, world)
     if world.is_main:
         print(f"run folder: {run_dir}", flush=True)
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
@@ -327,22 +334,32 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                    best_path, results_path, device, assumptions)
 
 
-def _carry_best(source: Path, step: int, best, best_step: int, best_path: Path, checkpoint, is_main: bool):
+def _carry_best(source: Path, step: int, best, best_step: int, best_path: Path, checkpoint, config: str,
+                world: Distributed):
     """A run continued in a new folder from another's checkpoint keeps that run's best validation
     only together with its checkpoint, so that the test at the end uses the state the score belongs
-    to: the resumed state itself when it is the best, else the best.pt beside it. Without either,
-    the best is counted afresh from this folder's validations."""
+    to: the resumed state itself when it is the best, else the best.pt beside it (under this run's
+    config, as the other path writes it). Without either, the best is counted afresh from this
+    folder's validations, and a best.pt of an earlier attempt of this run (killed before its first
+    last.pt) is removed. Every rank sees the same files (``Distributed.shared_folder``)."""
     if best_step == step:
         checkpoint(best_path)
         return best, best_step
     beside = source.parent / "best.pt"
-    if beside.exists() and load_checkpoint(beside).get("step") == best_step:
-        if is_main:
-            save_checkpoint(load_checkpoint(beside), best_path)
+    try:
+        kept = load_checkpoint(beside) if beside.exists() else None
+    except UserError:
+        kept = None
+    if kept is not None and kept.get("step") == best_step:
+        if world.is_main:
+            save_checkpoint({**kept, "config": config}, best_path)
+        world.barrier()
         return best, best_step
-    if is_main:
-        log.warning("the best validation of the run resumed from (meta-step %d) has no checkpoint beside %s; "
-                    "this run's best is counted from its own validations", best_step, source)
+    if world.is_main:
+        best_path.unlink(missing_ok=True)
+        log.warning("the best validation of the run resumed from (meta-step %d) has no readable checkpoint "
+                    "beside %s; this run's best is counted from its own validations", best_step, source)
+    world.barrier()
     return None, None
 
 
