@@ -114,6 +114,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_solver.lm_damping": _number(0, inclusive=True),
     "cg.steps": _int(1),
     "cg.damping": _number(0, inclusive=True),
+    "cg.curvature": _choice("hessian", "gauss_newton"),
     "cg.stop_at_negative_curvature": _bool(),
     "cg.solver": _choice("cg", "neumann"),
     "cg.step_size": _number(0, inclusive=False),
@@ -247,12 +248,16 @@ def _check_combinations(c: dict[str, Any]) -> None:
     if (c["outer_optimizer.schedule"] == "step") != bool(c["outer_optimizer.milestones"]):
         raise UserError("outer_optimizer.milestones go with outer_optimizer.schedule=step, and it needs them; "
                         "set both, e.g. outer_optimizer.schedule=step outer_optimizer.milestones=[1900]")
+    # The hand-written batched passes (models/fused.py) cover the built-in ReLU conv nets.
+    fused = (model in CONV_NETS and c.get("model.activation") == "relu" and c["perf.fused"] and c["perf.vectorize"])
+    if c["cg.curvature"] == "gauss_newton" and c["algorithm.name"] == "imaml" and not fused:
+        raise UserError("cg.curvature=gauss_newton runs on the fused passes only; use a built-in conv net "
+                        "(model.activation=relu) with perf.fused=true and perf.vectorize=true, or cg.curvature=hessian")
     batched_only = c["inner_solver.curvature"] == "gauss_newton" or c["inner_solver.lm_damping"] > 0
-    if (c["inner_solver.name"] == "hf" and batched_only
-            and (model == "custom" or not (c["perf.fused"] and c["perf.vectorize"]))):
+    if c["inner_solver.name"] == "hf" and batched_only and not fused:
         raise UserError("inner_solver.curvature=gauss_newton and inner_solver.lm_damping run on the fused passes only; "
-                        "use a built-in conv net with perf.fused=true and perf.vectorize=true, or "
-                        "inner_solver.curvature=hessian and inner_solver.lm_damping=0")
+                        "use a built-in conv net (model.activation=relu) with perf.fused=true and perf.vectorize=true, "
+                        "or inner_solver.curvature=hessian and inner_solver.lm_damping=0")
     if dataset == "image_folder":
         _check_image_folder(c)
     if (c["perf.hvp"] == "reverse_over_reverse" and c.get("model.conv_impl") == "native" and c["perf.vectorize"]

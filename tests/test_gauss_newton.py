@@ -174,3 +174,42 @@ def test_the_config_offers_gauss_newton_where_it_runs():
     with pytest.raises(UserError, match="run on the fused passes only"):
         validate(compose(QUICK + ["inner_solver=hf", "inner_solver.curvature=gauss_newton",
                                   "model=custom", "model._target_=torch.nn.Linear"]))
+    config = validate(compose(["experiment=omniglot_5w5s", "cg.curvature=gauss_newton"]))
+    assert components.build_learner(config, network, torch.device("cpu")).cg_curvature == "gauss_newton"
+    for other in (["perf.fused=false"], ["model.activation=softplus"]):
+        with pytest.raises(UserError, match="cg.curvature=gauss_newton runs on the fused passes only"):
+            validate(compose(["experiment=omniglot_5w5s", "cg.curvature=gauss_newton", *other]))
+    with pytest.raises(UserError, match="inner_solver.curvature=gauss_newton and inner_solver.lm_damping run on"):
+        validate(compose(["experiment=omniglot_5w1s", "inner_solver=hf", "model.activation=softplus"]))
+
+
+def test_the_outer_solve_on_gauss_newton_curvature_solves_the_gauss_newton_system():
+    """cg_curvature="gauss_newton": the meta-gradient is (I + G/λ)⁻¹∇L_test(φ) with G = Jᵀ∇²ℓJ of the
+    support loss at φ, checked against a dense solve (CG with as many steps as parameters: exact on
+    this positive definite system), and not the Hessian's solve."""
+    net = small_convnet()
+    tasks = image_tasks(2, torch.Generator().manual_seed(14))
+    model = TaskModel(net, "classification")
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    size = sum(v.numel() for v in theta.values())
+    learner = MetaLearner(model, "imaml", GradientDescent(3, 0.3), lam=LAM, cg_steps=size + 5,
+                          cg_curvature="gauss_newton")
+    meta_grad, _ = learner.meta_gradient(theta, tasks)
+    phi, _ = learner.adapt(theta, tasks)
+    _, unflat = flattening(theta)
+    gauss_newton, hessian = 0.0, 0.0
+    for t in range(2):
+        x, y, xq, yq = tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t]
+        flat_phi, _ = flattening({k: v[t] for k, v in phi.items()})
+        b = torch.cat([g.flatten() for g in torch.func.grad(
+            lambda p: nn.functional.cross_entropy(functional_call(net, p, (xq,)), yq))(unflat(flat_phi)).values()])
+        eye = torch.eye(size, dtype=b.dtype)
+        dense = dense_gauss_newton(net, flat_phi, x, y, unflat)
+        full = torch.func.hessian(lambda w: nn.functional.cross_entropy(functional_call(net, unflat(w), (x,)), y))(flat_phi)
+        gauss_newton = gauss_newton + torch.linalg.solve(eye + dense / LAM, b) / 2
+        hessian = hessian + torch.linalg.solve(eye + full / LAM, b) / 2
+    got = torch.cat([meta_grad[k].flatten() for k in theta])
+    torch.testing.assert_close(got, gauss_newton, rtol=1e-6, atol=1e-9)
+    assert (got - hessian).norm() > 1e-3 * got.norm()
+    with pytest.raises(ValueError, match="cg_curvature 'gauss_newton' runs on the fused passes only"):
+        MetaLearner(model, "imaml", GradientDescent(3, 0.3), lam=LAM, cg_curvature="gauss_newton", fused=False)

@@ -63,7 +63,8 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
                        cg_steps=config["cg"]["steps"],
                        cg_damping=config["cg"]["damping"],
                        cg_stop_at_negative_curvature=config["cg"]["stop_at_negative_curvature"],
-                       cg_solver=config["cg"]["solver"], neumann_step_size=config["cg"]["step_size"], hvp_mode=hvp,
+                       cg_solver=config["cg"]["solver"], cg_curvature=config["cg"]["curvature"],
+                       neumann_step_size=config["cg"]["step_size"], hvp_mode=hvp,
                        # The hand-written passes are for the built-in conv nets; a custom network (even a
                        # ConvNet subclass with its own forward) runs through vmap.
                        vectorize=perf["vectorize"], fused=perf["fused"] and not custom,

@@ -30,7 +30,7 @@ from imaml_cli.data.episodes import TaskBatch
 from imaml_cli.meta import tree
 from imaml_cli.meta.cg import SOLVERS, conjugate_gradient, neumann_series
 from imaml_cli.meta.hvp import HVP_MODES, hessian_operator
-from imaml_cli.meta.inner import GradientDescent, InnerSolver, NewtonCG
+from imaml_cli.meta.inner import CURVATURES, GradientDescent, InnerSolver, NewtonCG
 from imaml_cli.meta.precision import check_precision, matmul_precision
 from imaml_cli.meta.task_groups import group_count, run_groups
 from imaml_cli.meta.task import TaskModel
@@ -55,6 +55,10 @@ class MetaLearner:
     evaluation) uses the support set only, for every algorithm.
     ``cg_solver="neumann"`` replaces CG by the truncated Neumann series with step size
     ``neumann_step_size`` and ``cg_steps`` terms (``meta/cg.py``); the negative-curvature stop is CG's only.
+    ``cg_curvature="gauss_newton"`` solves with the Gauss-Newton part of ∇²L̂ (Jᵀ∇²ℓJ, positive
+    semi-definite) in place of the Hessian, on the fused passes only: always a well-posed system,
+    at the price of dropping the network's second-order terms from the meta-gradient where φ is
+    not a minimiser (at a minimiser of a well-fitted support set those terms vanish with the residuals).
 
     Speed switches, measured in BENCHMARKS.md. The first two compute the same meta-gradient up to
     rounding; the defaults are the fastest exact choices.
@@ -83,6 +87,7 @@ class MetaLearner:
     cg_damping: float = 0.0
     cg_stop_at_negative_curvature: bool = True
     cg_solver: str = "cg"
+    cg_curvature: str = "hessian"
     neumann_step_size: float = 0.1
     hvp_mode: str = "reverse_over_reverse"
     vectorize: bool = True
@@ -104,6 +109,11 @@ class MetaLearner:
         check_precision(self.precision)
         if self.task_groups < 1:
             raise ValueError(f"task_groups must be >= 1, got {self.task_groups}")
+        if self.cg_curvature not in CURVATURES:
+            raise ValueError(f"unknown CG curvature {self.cg_curvature!r}; expected one of {CURVATURES}")
+        if self.cg_curvature != "hessian" and self.algorithm == "imaml" and self._fused_model() is None:
+            raise ValueError("cg_curvature 'gauss_newton' runs on the fused passes only: "
+                             "a built-in ReLU conv net with fused and vectorize on")
         if getattr(self.inner, "batched_only", False) and self._fused_model() is None:
             raise ValueError("Gauss-Newton curvature and Levenberg-Marquardt damping run on the fused passes only: "
                              "a built-in ReLU conv net with fused and vectorize on")
@@ -357,7 +367,7 @@ class MetaLearner:
             known["post_query"], grads = fused.outputs_and_gradient(phi, query)
             if self.algorithm == "imaml":
                 known["post_support"], known["post_support_gradient"], hessian = fused.outputs_gradient_and_hessian(
-                    phi, support)
+                    phi, support, self.cg_curvature)
                 grads, outer = self._solve(hessian, grads, batch_dims=1)
                 extra.update(outer)
         metrics = self._fused_metrics(fused, theta_i, phi, support, query, tasks, known)
