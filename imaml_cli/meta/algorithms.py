@@ -111,12 +111,10 @@ class MetaLearner:
             raise ValueError(f"task_groups must be >= 1, got {self.task_groups}")
         if self.cg_curvature not in CURVATURES:
             raise ValueError(f"unknown CG curvature {self.cg_curvature!r}; expected one of {CURVATURES}")
-        if self.cg_curvature != "hessian" and self.algorithm == "imaml" and self._fused_model() is None:
-            raise ValueError("cg_curvature 'gauss_newton' runs on the fused passes only: "
-                             "a built-in ReLU conv net with fused and vectorize on")
-        if getattr(self.inner, "batched_only", False) and self._fused_model() is None:
-            raise ValueError("Gauss-Newton curvature and Levenberg-Marquardt damping run on the fused passes only: "
-                             "a built-in ReLU conv net with fused and vectorize on")
+        outer_gauss_newton = self.cg_curvature != "hessian" and self.algorithm == "imaml"
+        if (getattr(self.inner, "batched_only", False) or outer_gauss_newton) and self._fused_model() is None:
+            raise ValueError("Gauss-Newton curvature (inner solver or CG) and Levenberg-Marquardt damping run on the "
+                             "fused passes only: a built-in ReLU conv net with fused and vectorize on")
         autograd_modes = set()
         if self._fused_model() is None:
             autograd_modes.add(getattr(self.inner, "hvp_mode", None))
