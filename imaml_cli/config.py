@@ -102,6 +102,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algorithm.name": _choice(*ALGORITHMS),
     "algorithm.lam": _number(0, inclusive=False),
     "algorithm.alternate_query": _bool(),
+    "algorithm.zero_head": _bool(),
     "inner_steps.gd": _int(1),
     "inner_steps.hf": _int(1),
     "inner_solver.name": _choice("gd", "hf"),

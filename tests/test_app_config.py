@@ -26,7 +26,7 @@ def test_default_is_the_papers_omniglot_5way_1shot_imaml():
     assert config["dataset"] | {"root": None} == {
         "name": "omniglot", "root": None, "ways": 5, "shots": 1, "queries": 1, "download": True,
         "rotations": True, "cache_dir": None}
-    assert config["algorithm"] == {"name": "imaml", "lam": 2.0, "alternate_query": True}
+    assert config["algorithm"] == {"name": "imaml", "lam": 2.0, "alternate_query": True, "zero_head": False}
     assert (config["inner_solver"]["name"], config["inner_solver"]["steps"], config["cg"]["steps"]) == ("gd", 16, 5)
     assert config["model"]["name"] == "omniglot_conv"
 

@@ -25,9 +25,13 @@ def task_kind(config: dict) -> str:
     return "regression" if config["dataset"]["name"] == "sinusoid" else "classification"
 
 
+def num_outputs(config: dict) -> int:
+    return 1 if task_kind(config) == "regression" else config["dataset"]["ways"]
+
+
 def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     """The network with its initial parameters, drawn from ``train.seed``."""
-    outputs = 1 if task_kind(config) == "regression" else config["dataset"]["ways"]
+    outputs = num_outputs(config)
     torch.manual_seed(config["train"]["seed"])
     model = config["model"]
     if model["name"] == "custom":
@@ -36,6 +40,31 @@ def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     if config["dataset"]["name"] == "image_folder":  # the conv net's design, fitted to the folder's images
         image = dict(in_channels=config["dataset"]["channels"], image_size=config["dataset"]["image_size"])
     return build_model(model["name"], outputs, model["activation"], model["conv_impl"], **image).to(device)
+
+
+def zero_output_layer(config: dict, network: torch.nn.Module) -> tuple[str, ...]:
+    """With ``algorithm.zero_head``, set θ's output layer to zero and return its parameters' names
+    (the outer optimizer leaves them there); else nothing. The output layer is the network's last
+    ``nn.Linear`` in registration order, and must map to the task's outputs.
+
+    Why: a task's labels are a random permutation of its classes, so a meta-learned head can carry
+    nothing that helps every task; what meta-training puts there only scales the support loss's
+    curvature at φ (a larger head, a sharper inner problem) or makes θ's predictions confidently
+    wrong before adaptation. Held at zero, θ predicts uniformly and each task's head starts from
+    zero, pulled back to it by the proximal term (the zeroing trick of Kao et al. 2022, "MAML is a
+    noisy contrastive learner in classification")."""
+    if not config["algorithm"]["zero_head"]:
+        return ()
+    outputs = num_outputs(config)
+    linear = [(name, module) for name, module in network.named_modules() if isinstance(module, torch.nn.Linear)]
+    if not linear or linear[-1][1].out_features != outputs:
+        raise UserError(f"algorithm.zero_head=true needs a network whose last nn.Linear is its output layer "
+                        f"({outputs} outputs); this one has none such, so set algorithm.zero_head=false")
+    name, layer = linear[-1]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    return tuple(f"{name}.{k}" for k, _ in layer.named_parameters())
 
 
 def build_learner(config: dict, network: torch.nn.Module, device: torch.device) -> MetaLearner:

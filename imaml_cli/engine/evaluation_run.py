@@ -19,8 +19,8 @@ GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimize
 # Settings whose absence from an older checkpoint changes nothing here: meta-training's alone
 # (evaluation adapts on the support set for every algorithm), speed only, or settings whose default
 # does what the code did before they existed. Not worth a warning.
-NO_EFFECT_ON_EVALUATION = ("train.", "outer_optimizer.", "algorithm.alternate_query", "perf.task_groups",
-                           "inner_solver.tol", "inner_solver.curvature", "inner_solver.lm_damping")
+NO_EFFECT_ON_EVALUATION = ("train.", "outer_optimizer.", "algorithm.alternate_query", "algorithm.zero_head",
+                           "perf.task_groups", "inner_solver.tol", "inner_solver.curvature", "inner_solver.lm_damping")
 
 
 def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:

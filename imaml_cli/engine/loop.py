@@ -230,6 +230,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
             log.info("starting from the parameters in %s (meta-step %d there) with a new optimizer",
                      tcfg["resume"], resumed["step"])
 
+    # Set after any resume: a run branched with zero_head from one without it starts from a zero head.
+    held_at_zero = components.zero_output_layer(config, network)
     higher_is_better = components.task_kind(config) == "classification"
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
@@ -261,7 +263,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                 started = time.perf_counter()
                 batch, local, total = world.shard(train_source.sample(tcfg["meta_batch_size"], generator))
                 grads, metrics = learner.meta_gradient(params, batch)
-                grads = world.average(grads, local, total)
+                grads = {k: v for k, v in world.average(grads, local, total).items() if k not in held_at_zero}
                 summary = world.average({k: v.float().mean() for k, v in metrics.items()}, local, total)
                 summary.update(world.maximum({f"{k}_max": metrics[k].float().max() for k in PEAK_METRICS
                                               if k in metrics}))
@@ -270,7 +272,8 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                 lr = outer_learning_rate(config["outer_optimizer"], step + 1, tcfg["meta_steps"])
                 if finite:
                     for name, p in params.items():
-                        p.grad = grads[name].to(p.dtype)
+                        # No gradient: the optimizer leaves the parameter (and its state) alone.
+                        p.grad = grads[name].to(p.dtype) if name in grads else None
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     optimizer.step()
