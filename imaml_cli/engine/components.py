@@ -30,22 +30,27 @@ def num_outputs(config: dict) -> int:
 
 
 def build_network(config: dict, device: torch.device) -> torch.nn.Module:
-    """The network with its initial parameters, drawn from ``train.seed``."""
+    """The network with its initial parameters, drawn from ``train.seed`` (the output layer zero
+    with ``algorithm.zero_head``)."""
     outputs = num_outputs(config)
     torch.manual_seed(config["train"]["seed"])
     model = config["model"]
     if model["name"] == "custom":
-        return build_custom_model(model, outputs).to(device)
-    image = {}
-    if config["dataset"]["name"] == "image_folder":  # the conv net's design, fitted to the folder's images
-        image = dict(in_channels=config["dataset"]["channels"], image_size=config["dataset"]["image_size"])
-    return build_model(model["name"], outputs, model["activation"], model["conv_impl"], **image).to(device)
+        network = build_custom_model(model, outputs)
+    else:
+        image = {}
+        if config["dataset"]["name"] == "image_folder":  # the conv net's design, fitted to the folder's images
+            image = dict(in_channels=config["dataset"]["channels"], image_size=config["dataset"]["image_size"])
+        network = build_model(model["name"], outputs, model["activation"], model["conv_impl"], **image)
+    network = network.to(device)
+    set_to_zero(network, held_at_zero(config, network))
+    return network
 
 
-def zero_output_layer(config: dict, network: torch.nn.Module) -> tuple[str, ...]:
-    """With ``algorithm.zero_head``, set θ's output layer to zero and return its parameters' names
-    (the outer optimizer leaves them there); else nothing. The output layer is the network's last
-    ``nn.Linear`` in registration order, and must map to the task's outputs.
+def held_at_zero(config: dict, network: torch.nn.Module) -> tuple[str, ...]:
+    """The names of the parameters ``algorithm.zero_head`` holds at zero: θ's output layer, the
+    network's last ``nn.Linear`` in registration order, which must map to the task's outputs (none
+    without the setting).
 
     Why: a task's labels are a random permutation of its classes, so a meta-learned head can carry
     nothing that helps every task; what meta-training puts there only scales the support loss's
@@ -61,10 +66,17 @@ def zero_output_layer(config: dict, network: torch.nn.Module) -> tuple[str, ...]
         raise UserError(f"algorithm.zero_head=true needs a network whose last nn.Linear is its output layer "
                         f"({outputs} outputs); this one has none such, so set algorithm.zero_head=false")
     name, layer = linear[-1]
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.zero_()
     return tuple(f"{name}.{k}" for k, _ in layer.named_parameters())
+
+
+def set_to_zero(network: torch.nn.Module, names: tuple[str, ...]) -> bool:
+    """Zero the named parameters in place; whether any of them was not zero already."""
+    params = dict(network.named_parameters())
+    changed = any(bool(torch.count_nonzero(params[name])) for name in names)
+    with torch.no_grad():
+        for name in names:
+            params[name].zero_()
+    return changed
 
 
 def build_learner(config: dict, network: torch.nn.Module, device: torch.device) -> MetaLearner:

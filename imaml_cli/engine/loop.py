@@ -199,6 +199,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
 
     network = components.build_network(config, device)
     learner = components.build_learner(config, network, device)
+    held_at_zero = components.held_at_zero(config, network)
     params = dict(network.named_parameters())
     optimizer = components.build_optimizer(config, params.values())
     generator = torch.Generator().manual_seed(tcfg["seed"])
@@ -230,8 +231,6 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
             log.info("starting from the parameters in %s (meta-step %d there) with a new optimizer",
                      tcfg["resume"], resumed["step"])
 
-    # Set after any resume: a run branched with zero_head from one without it starts from a zero head.
-    held_at_zero = components.zero_output_layer(config, network)
     higher_is_better = components.task_kind(config) == "classification"
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
@@ -249,7 +248,12 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         # No rank may exit before the file is whole: torchrun stops the others when one exits.
         world.barrier()
 
-    if continues_another and best_step is not None:
+    # A run that goes on with zero_head from a state with another head: its best so far was scored
+    # by a θ this run no longer has.
+    if components.set_to_zero(network, held_at_zero) and best_step is not None:
+        best, best_step = _forget_best(best_path, world, f"algorithm.zero_head set the output layer of {source} "
+                                                         f"(meta-step {step}) to zero")
+    elif continues_another and best_step is not None:
         best, best_step = _carry_best(source, step, best, best_step, best_path, checkpoint, config_yaml, world)
     if world.is_main:
         print(f"run folder: {run_dir}", flush=True)
@@ -358,10 +362,15 @@ def _carry_best(source: Path, step: int, best, best_step: int, best_path: Path, 
             save_checkpoint({**kept, "config": config}, best_path)
         world.barrier()
         return best, best_step
+    return _forget_best(best_path, world, f"the best validation of the run resumed from (meta-step {best_step}) "
+                                          f"has no readable checkpoint beside {source}")
+
+
+def _forget_best(best_path: Path, world: Distributed, why: str):
+    """No best validation yet, and no best.pt (one of an earlier attempt would be tested at the end)."""
     if world.is_main:
         best_path.unlink(missing_ok=True)
-        log.warning("the best validation of the run resumed from (meta-step %d) has no readable checkpoint "
-                    "beside %s; this run's best is counted from its own validations", best_step, source)
+        log.warning("%s; this run's best is counted from its own validations", why)
     world.barrier()
     return None, None
 
