@@ -31,5 +31,8 @@ for name in "$@"; do
   for file in checkpoints/best.pt train.log results.json; do
     if [ -f "$from/$file" ]; then cp "$from/$file" "$to/$file"; fi
   done
-  echo "$action: $name ($from -> $to, meta-step $(python -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['step'])" "$to/checkpoints/last.pt"))"
+  # The meta-step is only reported, so a python without torch on PATH must not fail the copy.
+  step=$(python -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['step'])" \
+         "$to/checkpoints/last.pt" 2>/dev/null) || step="unknown (no python with torch on PATH)"
+  echo "$action: $name ($from -> $to, meta-step $step)"
 done
