@@ -182,12 +182,14 @@ def main(argv=None) -> None:
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
         ax.legend()
-    ylabel = "validation accuracy (%)" if metrics.pop().endswith("accuracy") else "validation MSE"
+    accuracy = metrics.pop().endswith("accuracy")
+    ylabel = "validation accuracy (%)" if accuracy else "validation MSE"
     for ax, xlabel in ((by_step, "meta-step"), (by_time, "meta-training time (minutes)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        # Curves rise (accuracy) or fall (MSE) early, leaving the opposite corner free late in the run.
+        ax.legend(loc="lower right" if accuracy else "upper right")
     if args.title:
         fig.suptitle(args.title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
