@@ -117,6 +117,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cg.damping": _number(0, inclusive=True),
     "cg.curvature": _choice("hessian", "gauss_newton"),
     "cg.stop_at_negative_curvature": _bool(),
+    "cg.trust_radius": _bool(),
     "cg.solver": _choice("cg", "neumann"),
     "cg.step_size": _number(0, inclusive=False),
     "outer_optimizer.name": _choice("adam", "sgd"),
@@ -249,6 +250,13 @@ def _check_combinations(c: dict[str, Any]) -> None:
     if (c["outer_optimizer.schedule"] == "step") != bool(c["outer_optimizer.milestones"]):
         raise UserError("outer_optimizer.milestones go with outer_optimizer.schedule=step, and it needs them; "
                         "set both, e.g. outer_optimizer.schedule=step outer_optimizer.milestones=[1900]")
+    if c["cg.trust_radius"] and c["algorithm.name"] == "imaml":
+        if not c["cg.damping"] > 0:
+            raise UserError(f"cg.trust_radius=true bounds CG by ‖∇L_test‖/cg.damping, so it needs cg.damping > 0 "
+                            f"(got {c['cg.damping']}); set e.g. cg.damping=1, or cg.trust_radius=false")
+        if c["cg.solver"] != "cg":
+            raise UserError(f"cg.trust_radius=true stops conjugate gradient, not cg.solver={c['cg.solver']}; "
+                            "set cg.solver=cg or cg.trust_radius=false")
     # The hand-written batched passes (models/fused.py) cover the built-in ReLU conv nets.
     fused = (model in CONV_NETS and c.get("model.activation") == "relu" and c["perf.fused"] and c["perf.vectorize"])
     if c["cg.curvature"] == "gauss_newton" and c["algorithm.name"] == "imaml" and not fused:

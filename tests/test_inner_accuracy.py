@@ -98,21 +98,53 @@ def test_cg_flags_a_system_that_is_not_positive_definite():
     assert positive["cg_negative_curvature"].tolist() == [0.0, 0.0]
 
 
+def test_cg_trust_radius_flags_a_system_below_the_damping():
+    learner = MetaLearner(TaskModel(nn.Linear(2, 1), "regression"), "imaml", GradientDescent(1, 0.1), lam=LAM,
+                          cg_steps=3, cg_damping=1.0, cg_trust_radius=True)
+    b = {"w": torch.tensor([[1.0, 2.0], [3.0, -1.0]])}
+    # (1 + δ)I + H/λ with δ = 1, λ = 0.5: H = −0.45I gives 1.1I ⪰ δI, solution b/1.1 inside ‖b‖/δ;
+    # H = −0.75I gives 0.5I, solution 2b outside: the stop is where b's ray meets the sphere, b itself.
+    inside, inside_metrics = learner._solve(lambda v: tree.scale(v, -0.45), b, batch_dims=1)
+    outside, outside_metrics = learner._solve(lambda v: tree.scale(v, -0.75), b, batch_dims=1)
+    torch.testing.assert_close(inside["w"], b["w"] / 1.1)
+    torch.testing.assert_close(outside["w"], b["w"])
+    assert inside_metrics["cg_radius_stop"].tolist() == [0.0, 0.0]
+    assert outside_metrics["cg_radius_stop"].tolist() == [1.0, 1.0]
+    assert outside_metrics["cg_negative_curvature"].tolist() == [0.0, 0.0]
+
+
 def test_a_run_logs_the_measurements_and_reports_them(tmp_path):
     run = tmp_path / "run"
-    train(compose(QUICK + ["train.log_every=1", "train.curvature_tasks=2", "train.power_iterations=5"]), run)
+    train(compose(QUICK + ["train.log_every=1", "train.curvature_tasks=2", "train.power_iterations=5",
+                           "cg.damping=1", "cg.trust_radius=true"]), run)
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     mean = [e.value for e in events.Scalars("train/inner_grad_norm")]
     peak = [e.value for e in events.Scalars("train/inner_grad_norm_max")]
     assert len(mean) == len(peak) == 4 and all(p >= m > 0 for p, m in zip(peak, mean))
     assert [e.step for e in events.Scalars("val/top_hessian_eigenvalue")] == [2, 4]
-    assert len(events.Scalars("train/cg_negative_curvature")) == 4
+    assert len(events.Scalars("train/cg_negative_curvature")) == len(events.Scalars("train/cg_radius_stop")) == 4
     assumptions = json.loads((run / "results.json").read_text())["assumptions"]
     assert assumptions["inner_grad_norm"] == pytest.approx(sum(mean) / 4, rel=1e-6)
     assert assumptions["inner_grad_norm_max"] == pytest.approx(sum(peak) / 4, rel=1e-6)
     assert assumptions["top_hessian_eigenvalue"] == pytest.approx(events.Scalars("val/top_hessian_eigenvalue")[-1].value)
-    assert {"cg_residual", "cg_negative_curvature", "last_meta_steps"} <= set(assumptions)
+    assert {"cg_residual", "cg_negative_curvature", "cg_radius_stop", "last_meta_steps"} <= set(assumptions)
+
+
+def test_the_peak_meta_gradient_norm_covers_the_meta_steps_between_writes(tmp_path):
+    # The same seed logged at every meta-step gives each step's norm; written every 2, the peak
+    # must be the larger of the two steps since the last write, not of all steps before.
+    def norms(log_every, tag):
+        train(compose(QUICK + ["train.meta_steps=8", f"train.log_every={log_every}", "train.val_every=0"]),
+              tmp_path / str(log_every))
+        events = EventAccumulator(str(tmp_path / str(log_every) / "tb"))
+        events.Reload()
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    every = norms(1, "train/meta_grad_norm")
+    expected = {step: max(every[step - 1], every[step]) for step in (2, 4, 6, 8)}
+    assert list(expected.values()) != sorted(expected.values()), "a later pair's peak must fall below an earlier's"
+    assert norms(2, "train/meta_grad_norm_peak") == pytest.approx(expected, rel=1e-6)
 
 
 def test_evaluation_reports_the_median_inner_grad_norm(tmp_path):

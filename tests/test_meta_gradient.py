@@ -150,6 +150,58 @@ def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negati
     assert not torch.allclose(flatten(plain.meta_gradient(theta, tasks)[0]), expected, rtol=1e-3)
 
 
+def test_trust_radius_bounds_the_meta_gradient_only_where_the_inner_problem_is_not_minimised():
+    """At a minimiser of the inner problem (1+δ)I + H/λ ⪰ δI, so ‖meta-gradient‖ ≤ ‖∇L_test‖/δ and the
+    stop never acts: on linear regression (convex) the trust radius leaves the closed form
+    ((1+δ)I + A/λ)⁻¹∇L_test. One GD step from θ with a small λ leaves φ where the damped matrix,
+    positive definite but with an eigenvalue near 0, sends plain CG far outside that sphere; the
+    trust radius ends on it."""
+    g = torch.Generator().manual_seed(0)
+    dim, lam, damping = 6, 0.7, 0.5
+    model = TaskModel(nn.Linear(dim, 1, bias=False).double(), "regression")
+    tasks = linear_regression_tasks(2, 4, 10, dim, g)
+    theta = {"weight": torch.randn(1, dim, generator=g, dtype=torch.float64)}
+    learner = MetaLearner(model, "imaml", NewtonCG(steps=2, cg_steps=dim + 2), lam=lam, cg_steps=dim,
+                          cg_damping=damping, cg_trust_radius=True)
+    meta_grad, metrics = learner.meta_gradient(theta, tasks)
+    expected = torch.zeros(dim, dtype=torch.float64)
+    for xs, ys, xq, yq in zip(*tasks):
+        a = 2.0 / len(xs) * xs.T @ xs
+        phi = torch.linalg.solve(a + lam * torch.eye(dim, dtype=torch.float64), 2.0 / len(xs) * xs.T @ ys[:, 0]
+                                 + lam * theta["weight"][0])
+        test_grad = 2.0 / len(xq) * xq.T @ (xq @ phi - yq[:, 0])
+        expected += torch.linalg.solve((1 + damping) * torch.eye(dim, dtype=torch.float64) + a / lam, test_grad) / 2
+    torch.testing.assert_close(meta_grad["weight"][0], expected, rtol=1e-6, atol=1e-10)
+    assert metrics["cg_radius_stop"].tolist() == [0.0, 0.0]
+
+    g = torch.Generator().manual_seed(3)
+    model = TaskModel(smooth_classifier(), "classification")
+    theta = model.parameters()
+    tasks = TaskBatch(*(t[:1] for t in classification_tasks(1, 6, 3, 3, g)))
+    inner, lam = GradientDescent(steps=1, lr=0.5), 0.1
+    phi, _ = MetaLearner(model, "imaml", inner, lam=lam).adapt(theta, tasks)
+    phi = {k: v[0] for k, v in phi.items()}
+    b = flatten(torch.func.grad(model.loss)(phi, tasks.query_x[0], tasks.query_y[0]))
+    hessian = torch.func.hessian(lambda flat: model.loss(unflatten(flat, phi), tasks.support_x[0],
+                                                         tasks.support_y[0]))(flatten(phi))
+    # δ puts the damped matrix's smallest eigenvalue at 1e-3: positive definite, far below δ.
+    damping = 1e-3 - 1 - torch.linalg.eigvalsh(hessian / lam)[0].item()
+    matrix = (1 + damping) * torch.eye(len(b), dtype=b.dtype) + hessian / lam
+    radius = b.norm() / damping
+    assert damping > 0 and torch.linalg.solve(matrix, b).norm() > 10 * radius
+
+    def solve(trust_radius):
+        learner = MetaLearner(model, "imaml", inner, lam=lam, cg_steps=len(b), cg_damping=damping,
+                              cg_trust_radius=trust_radius)
+        meta_grad, metrics = learner.meta_gradient(theta, tasks)
+        return flatten(meta_grad), metrics
+
+    bounded, metrics = solve(True)
+    torch.testing.assert_close(bounded.norm(), radius)
+    assert metrics["cg_radius_stop"].item() == 1 and metrics["cg_negative_curvature"].item() == 0
+    assert solve(False)[0].norm() > 2 * radius
+
+
 @pytest.mark.parametrize("solver", [["cg.solver=cg", "cg.steps=60"],
                                     ["cg.solver=neumann", "cg.steps=200", "cg.step_size=0.3"]], ids=["cg", "neumann"])
 def test_cg_damping_from_the_config_solves_the_damped_system(solver):

@@ -399,8 +399,8 @@ def test_batched_cg_equals_cg_under_vmap():
         out = (a @ flat.unsqueeze(-1)).squeeze(-1)
         return {"x": out[..., :2], "y": out[..., 2:].unflatten(-1, (2, 3))}
 
-    batched, residual, _ = conjugate_gradient(lambda v: matvec(a, v), b, 5, batch_dims=1)
-    single, single_residual, _ = vmap(lambda a, b: conjugate_gradient(lambda v: matvec(a, v), b, 5))(a, b)
+    batched, residual, _, _ = conjugate_gradient(lambda v: matvec(a, v), b, 5, batch_dims=1)
+    single, single_residual, _, _ = vmap(lambda a, b: conjugate_gradient(lambda v: matvec(a, v), b, 5))(a, b)
     for k in b:
         torch.testing.assert_close(batched[k], single[k], **TIGHT)
     torch.testing.assert_close(residual, single_residual, **TIGHT)

@@ -38,7 +38,7 @@ PEAK_METRICS = ("inner_grad_norm",)
 # The measurements of iMAML's assumptions that results.json reports, averaged over the last
 # meta-steps of the run (README: "Is the inner problem solved?").
 ASSUMPTIONS = ("inner_grad_norm", "inner_grad_norm_max", "inner_halvings", "inner_step", "cg_residual",
-               "cg_negative_curvature")
+               "cg_negative_curvature", "cg_radius_stop")
 ASSUMPTIONS_WINDOW = 100
 # Keys that fix the parameters' shapes: a checkpoint cannot serve a config that differs in them.
 SHAPE_KEYS = ("dataset.name", "dataset.ways", "model.name")
@@ -212,6 +212,9 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
     # that file may be overwritten later, and plots join the two runs' curves at this step.
     branched_from, continues_another = None, False
     recent = collections.deque(maxlen=ASSUMPTIONS_WINDOW)  # each meta-step's ASSUMPTIONS
+    # The largest finite meta-gradient norm since the last TensorBoard write: one task's runaway
+    # meta-gradient lasts a single meta-step, which a scalar written every log_every steps misses.
+    peak_grad_norm = 0.0
     curvature = None  # the last validation's top Hessian eigenvalue at φ (median over tasks)
     if resumed is not None:
         source = last_path if last_path.exists() else Path(tcfg["resume"]).resolve()
@@ -293,11 +296,15 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                 if world.is_main:
                     summary = {k: v.item() for k, v in summary.items()}
                     recent.append({k: summary[k] for k in ASSUMPTIONS if k in summary})
+                    if finite:
+                        peak_grad_norm = max(peak_grad_norm, grad_norm.item())
                     progress.update(1)
                     progress.set_postfix(_postfix(summary, best), refresh=False)
                     if step % tcfg["log_every"] == 0 or step == tcfg["meta_steps"]:
-                        tb.training_scalars({**summary, "meta_grad_norm": grad_norm.item(), "outer_lr": lr,
-                                            "seconds_per_step": seconds, "skipped_steps": skipped}, step)
+                        tb.training_scalars({**summary, "meta_grad_norm": grad_norm.item(),
+                                             "meta_grad_norm_peak": peak_grad_norm, "outer_lr": lr,
+                                             "seconds_per_step": seconds, "skipped_steps": skipped}, step)
+                        peak_grad_norm = 0.0
                 if bad_steps >= tcfg["max_bad_steps"]:
                     checkpoint(last_path)
                     raise UserError(f"{bad_steps} meta-steps in a row had a non-finite loss or meta-gradient "

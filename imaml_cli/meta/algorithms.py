@@ -49,7 +49,11 @@ class MetaLearner:
     eigenvalues down to about −3 at the paper's settings), and plain CG then takes huge steps along
     directions of near-zero or negative curvature. ``cg_stop_at_negative_curvature`` (default)
     ends CG at the first direction with pᵀAp ≤ 0 and keeps the iterate so far (∇L_test itself if it
-    is the first): the same answer as plain CG whenever the matrix is positive definite. ``vectorize=False`` processes the tasks in a Python loop, as a reference for the batched path.
+    is the first): the same answer as plain CG whenever the matrix is positive definite.
+    ``cg_trust_radius`` (needs ``cg_damping`` δ > 0) ends CG on the sphere ‖x‖ = ‖∇L_test‖/δ: where φ
+    minimises the inner problem, I + ∇²L̂/λ ⪰ 0, so the damped matrix is ⪰ δI and the solution lies
+    inside; a near-singular system elsewhere cannot then give one task a meta-gradient many times its
+    query gradient. ``vectorize=False`` processes the tasks in a Python loop, as a reference for the batched path.
     ``alternate_query`` matters to Reptile only: its meta-training inner steps alternate between the
     support and the query set (False: all on the support set). Adaptation alone (``adapt``, as in
     evaluation) uses the support set only, for every algorithm.
@@ -86,6 +90,7 @@ class MetaLearner:
     cg_steps: int = 5
     cg_damping: float = 0.0
     cg_stop_at_negative_curvature: bool = True
+    cg_trust_radius: bool = False
     cg_solver: str = "cg"
     cg_curvature: str = "hessian"
     neumann_step_size: float = 0.1
@@ -104,6 +109,8 @@ class MetaLearner:
             raise ValueError(f"iMAML needs lam > 0, got {self.lam}")
         if self.cg_solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.cg_solver!r}; expected one of {SOLVERS}")
+        if self.cg_trust_radius and not (self.cg_damping > 0 and self.cg_solver == "cg"):
+            raise ValueError("the CG trust radius ‖∇L_test‖/δ needs cg_damping δ > 0 and cg_solver 'cg'")
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {self.hvp_mode!r}; expected one of {HVP_MODES}")
         check_precision(self.precision)
@@ -339,15 +346,21 @@ class MetaLearner:
                             hessian(v), 1.0 / self.lam)
 
         if self.cg_solver == "neumann":
-            meta_grad, residual, taken = neumann_series(matvec, query_grad, self.cg_steps, self.neumann_step_size,
-                                                        batch_dims)
+            solved = neumann_series(matvec, query_grad, self.cg_steps, self.neumann_step_size, batch_dims)
         else:
-            meta_grad, residual, taken = conjugate_gradient(matvec, query_grad, self.cg_steps,
-                                                            self.cg_stop_at_negative_curvature, batch_dims)
-        extra = {"cg_residual": tree.safe_divide(residual, tree.norm(query_grad, batch_dims)), "cg_steps": taken}
+            radius = tree.norm(query_grad, batch_dims) / self.cg_damping if self.cg_trust_radius else None
+            solved = conjugate_gradient(matvec, query_grad, self.cg_steps, self.cg_stop_at_negative_curvature,
+                                        radius, batch_dims)
+        meta_grad = solved.solution
+        extra = {"cg_residual": tree.safe_divide(solved.residual_norm, tree.norm(query_grad, batch_dims)),
+                 "cg_steps": solved.steps_taken}
+        dtype = solved.residual_norm.dtype
         if self.cg_solver == "cg" and self.cg_stop_at_negative_curvature:
             # The matrix is not the positive definite one the theory assumes at a minimiser.
-            extra["cg_negative_curvature"] = (taken < self.cg_steps).to(residual.dtype)
+            extra["cg_negative_curvature"] = ((solved.steps_taken < self.cg_steps) & ~solved.on_boundary).to(dtype)
+        if self.cg_trust_radius:
+            # Nor is it when the solution would leave the sphere: I + ∇²L̂/λ has an eigenvalue below 0.
+            extra["cg_radius_stop"] = solved.on_boundary.to(dtype)
         return meta_grad, extra
 
     def _fused_meta_gradient(self, fused, theta: Params, tasks: TaskBatch):

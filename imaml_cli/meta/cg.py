@@ -13,11 +13,13 @@ from imaml_cli.meta.tree import Params
 class CGResult(NamedTuple):
     solution: Params
     residual_norm: torch.Tensor  # ‖b − A x‖, per system
-    steps_taken: torch.Tensor  # iterations that moved x, per system (fewer after a negative-curvature stop)
+    steps_taken: torch.Tensor  # iterations that moved x, per system (fewer after a stop)
+    on_boundary: torch.Tensor  # per system: the solve ended on the sphere ‖x‖ = radius
 
 
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int,
-                       stop_at_negative_curvature: bool = False, batch_dims: int = 0) -> CGResult:
+                       stop_at_negative_curvature: bool = False, radius: torch.Tensor | None = None,
+                       batch_dims: int = 0) -> CGResult:
     """Approximately solve A x = b from x = 0 with ``steps`` CG iterations.
 
     The step count is fixed so that every task of a batch runs the same operations; a task that has
@@ -28,6 +30,11 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     that happens on the first iteration. A Newton system away from a minimum can be indefinite and
     plain CG would then step towards a maximum.
 
+    With ``radius`` (per system), an iterate that would leave the ball ‖x‖ ≤ radius stops on its
+    sphere along the current direction, as Steihaug-Toint CG does in a trust region (Nocedal &
+    Wright Alg. 7.2). From x = 0 on a positive definite system ‖x‖ grows at every step and stays
+    below ‖A⁻¹b‖ (ibid. Thm. 7.3), so a radius of at least ‖b‖/λ_min(A) never acts there.
+
     ``batch_dims=1`` solves one system per entry of the leading dimension (outside ``vmap``, for
     a ``matvec`` that acts on all tasks at once); see ``tree``.
     """
@@ -35,6 +42,7 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     r, p = b, b
     rr = tree.dot(r, r, batch_dims)
     active = torch.ones_like(rr, dtype=torch.bool)
+    on_boundary = torch.zeros_like(active)
     taken = torch.zeros_like(rr)
     for i in range(steps):
         ap = matvec(p)
@@ -44,10 +52,15 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
             if i == 0:
                 x = tree.where(negative, b, x)
             active = active & ~negative
-            step_ok = active.to(rr.dtype)
-        else:
-            step_ok = torch.ones_like(rr)
+        step_ok = active.to(rr.dtype)
         alpha = tree.safe_divide(rr, curvature) * step_ok
+        if radius is not None:
+            xx, xp, pp = tree.dot(x, x, batch_dims), tree.dot(x, p, batch_dims), tree.dot(p, p, batch_dims)
+            leaves = active & (xx + 2 * alpha * xp + alpha ** 2 * pp > radius ** 2)
+            # The positive root τ of ‖x + τp‖ = radius; x is inside, so the discriminant is ≥ xp².
+            to_sphere = tree.safe_divide(-xp + (xp ** 2 + pp * (radius ** 2 - xx)).clamp(min=0).sqrt(), pp)
+            alpha = torch.where(leaves, to_sphere, alpha)
+            active, on_boundary = active & ~leaves, on_boundary | leaves
         taken = taken + step_ok
         x = tree.add(x, p, alpha)
         r = tree.add(r, ap, -alpha)
@@ -56,7 +69,7 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
         rr = rr_next
     # The recursive residual drifts from the true one only by rounding; an extra matvec to
     # recompute it would cost as much as a CG step.
-    return CGResult(x, rr.sqrt(), taken)
+    return CGResult(x, rr.sqrt(), taken, on_boundary)
 
 
 SOLVERS = ("cg", "neumann")
@@ -76,4 +89,5 @@ def neumann_series(matvec: Callable[[Params], Params], b: Params, steps: int, st
     for _ in range(steps):
         x = tree.add(x, r, step_size)
         r = tree.add(r, matvec(r), -step_size)
-    return CGResult(x, tree.norm(r, batch_dims), torch.full_like(tree.dot(b, b, batch_dims), steps))
+    shape = tree.dot(b, b, batch_dims)
+    return CGResult(x, tree.norm(r, batch_dims), torch.full_like(shape, steps), torch.zeros_like(shape, dtype=torch.bool))
