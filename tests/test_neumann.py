@@ -32,14 +32,14 @@ def test_partial_sums_match_the_closed_form_and_converge_to_the_solution():
     b = torch.randn(10, generator=g, dtype=torch.float64)
     alpha = 0.3  # eigenvalues of I - αA in [-0.2, 0.7]: the series converges
     for steps in (1, 4, 9):
-        x, residual, taken = neumann_series(lambda v: {"x": a @ v["x"]}, {"x": b}, steps, alpha)
+        x, residual, taken, _ = neumann_series(lambda v: {"x": a @ v["x"]}, {"x": b}, steps, alpha)
         # α Σ_{k<K} (I − αA)^k = A⁻¹ (I − (I − αA)^K), applied in A's eigenbasis.
         decay = (1 - alpha * eigenvalues) ** steps
         expected = q @ (((1 - decay) / eigenvalues) * (q.T @ b))
         torch.testing.assert_close(x["x"], expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(residual, (b - a @ x["x"]).norm(), rtol=1e-8, atol=1e-12)
         assert taken == steps
-    x, residual, _ = neumann_series(lambda v: {"x": a @ v["x"]}, {"x": b}, 80, alpha)
+    x, residual, _, _ = neumann_series(lambda v: {"x": a @ v["x"]}, {"x": b}, 80, alpha)
     torch.testing.assert_close(x["x"], torch.linalg.solve(a, b), rtol=1e-9, atol=1e-11)
     assert residual < 1e-9 * b.norm()
 
@@ -48,8 +48,8 @@ def test_a_step_size_beyond_two_over_the_largest_eigenvalue_diverges():
     g = torch.Generator().manual_seed(1)
     a, _, _ = spd(6, 1.0, 4.0, g)
     b = {"x": torch.randn(6, generator=g, dtype=torch.float64)}
-    _, small, _ = neumann_series(lambda v: {"x": a @ v["x"]}, b, 30, 0.45)
-    _, large, _ = neumann_series(lambda v: {"x": a @ v["x"]}, b, 30, 0.55)  # 0.55 * 4 > 2
+    _, small, _, _ = neumann_series(lambda v: {"x": a @ v["x"]}, b, 30, 0.45)
+    _, large, _, _ = neumann_series(lambda v: {"x": a @ v["x"]}, b, 30, 0.55)  # 0.55 * 4 > 2
     assert small < 1e-3 * b["x"].norm() < large
 
 
@@ -62,7 +62,7 @@ def test_batched_over_systems_matches_each_solve():
                               for m, b in zip(mats, bs)])
     mapped = vmap(lambda m, b: neumann_series(lambda v: {"x": m @ v["x"]}, {"x": b}, 6, 0.3).solution)(mats, bs)
     # batch_dims=1: one matvec for all systems, as the fused path calls it.
-    batched, residual, _ = neumann_series(lambda v: {"x": (mats @ v["x"].unsqueeze(-1)).squeeze(-1)},
+    batched, residual, _, _ = neumann_series(lambda v: {"x": (mats @ v["x"].unsqueeze(-1)).squeeze(-1)},
                                           {"x": bs}, 6, 0.3, batch_dims=1)
     torch.testing.assert_close(mapped["x"], one_by_one)
     torch.testing.assert_close(batched["x"], one_by_one)

@@ -20,7 +20,8 @@ GROUPS = ("dataset", "model", "algorithm", "inner_solver", "cg", "outer_optimize
 # (evaluation adapts on the support set for every algorithm), speed only, or settings whose default
 # does what the code did before they existed. Not worth a warning.
 NO_EFFECT_ON_EVALUATION = ("train.", "outer_optimizer.", "algorithm.alternate_query", "algorithm.zero_head",
-                           "perf.task_groups", "inner_solver.tol", "inner_solver.curvature", "inner_solver.lm_damping")
+                           "perf.task_groups", "inner_solver.tol", "inner_solver.curvature", "inner_solver.lm_damping",
+                           "cg.trust_radius")
 
 
 def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
