@@ -71,8 +71,8 @@ def test_data_root_defaults_to_the_environment_variable(monkeypatch, tmp_path):
     ("perf.task_groups=many", "perf.task_groups='many' is invalid: expected auto or an integer >= 1"),
     ("model.conv_impl=winograd", "model.conv_impl='winograd' is invalid"),
     ("model.conv_impl=native", "perf.hvp=reverse_over_reverse cannot run with model.conv_impl=native"),
-    ("cg.trust_radius=true cg.damping=0", "cg.trust_radius=true bounds CG by ‖∇L_test‖/cg.damping, so it needs cg.damping > 0 (got 0)"),
-    ("cg.trust_radius=true cg.damping=1 cg.solver=neumann", "cg.trust_radius=true stops conjugate gradient, not cg.solver=neumann"),
+    ("cg.trust_radius=true cg.damping=0", "so it needs cg.damping > 0 (got 0); set e.g. cg.damping=1"),
+    ("cg.trust_radius=true cg.damping=1 cg.solver=neumann", "stops conjugate gradient, not cg.solver=neumann"),
 ])
 def test_bad_values_get_one_line_naming_the_key(override, message):
     with pytest.raises(UserError) as error:

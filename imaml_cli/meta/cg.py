@@ -89,5 +89,6 @@ def neumann_series(matvec: Callable[[Params], Params], b: Params, steps: int, st
     for _ in range(steps):
         x = tree.add(x, r, step_size)
         r = tree.add(r, matvec(r), -step_size)
-    shape = tree.dot(b, b, batch_dims)
-    return CGResult(x, tree.norm(r, batch_dims), torch.full_like(shape, steps), torch.zeros_like(shape, dtype=torch.bool))
+    per_system = tree.dot(b, b, batch_dims)
+    return CGResult(x, tree.norm(r, batch_dims), torch.full_like(per_system, steps),
+                    torch.zeros_like(per_system, dtype=torch.bool))
