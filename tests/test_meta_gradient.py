@@ -25,6 +25,20 @@ def linear_regression_tasks(tasks, n_support, n_query, dim, generator):
                  xq, xq @ w)
 
 
+def linear_regression_meta_gradient(tasks, theta, lam, damping=0.0):
+    """The mean over tasks of ((1+δ)I + A/λ)⁻¹∇L_test(φ*), with φ* = (A+λI)⁻¹(b+λθ) in closed form.
+    At δ = 0 it is dφ*/dθᵀ∇L_test = λ(A+λI)⁻¹∇L_test."""
+    dim = theta["weight"].shape[1]
+    eye = torch.eye(dim, dtype=torch.float64)
+    expected = torch.zeros(dim, dtype=torch.float64)
+    for xs, ys, xq, yq in zip(*tasks):
+        a = 2.0 / len(xs) * xs.T @ xs
+        phi = torch.linalg.solve(a + lam * eye, 2.0 / len(xs) * xs.T @ ys[:, 0] + lam * theta["weight"][0])
+        test_grad = 2.0 / len(xq) * xq.T @ (xq @ phi - yq[:, 0])
+        expected += torch.linalg.solve((1 + damping) * eye + a / lam, test_grad) / len(tasks.support_x)
+    return expected
+
+
 @pytest.mark.parametrize("stop_at_negative_curvature", [True, False], ids=["truncated_cg", "plain_cg"])
 @pytest.mark.parametrize("n_support", [20, 3], ids=["full_rank", "rank_deficient"])
 def test_imaml_matches_closed_form_on_linear_regression(n_support, stop_at_negative_curvature):
@@ -40,16 +54,10 @@ def test_imaml_matches_closed_form_on_linear_regression(n_support, stop_at_negat
 
     meta_grad, metrics = learner.meta_gradient(theta, tasks)
 
-    expected = torch.zeros(dim, dtype=torch.float64)
-    for xs, ys, xq, yq in zip(*tasks):
-        a = 2.0 / len(xs) * xs.T @ xs
-        b = 2.0 / len(xs) * xs.T @ ys[:, 0]
-        m = a + lam * torch.eye(dim, dtype=torch.float64)
-        phi = torch.linalg.solve(m, b + lam * theta["weight"][0])
-        test_grad = 2.0 / len(xq) * xq.T @ (xq @ phi - yq[:, 0])
-        expected += lam * torch.linalg.solve(m, test_grad) / len(tasks.support_x)
+    expected = linear_regression_meta_gradient(tasks, theta, lam)
     if n_support < dim:
-        assert torch.linalg.matrix_rank(a) < dim
+        xs = tasks.support_x[-1]
+        assert torch.linalg.matrix_rank(2.0 / len(xs) * xs.T @ xs) < dim
     # Not rounding-level: CG stops at a relative residual of about 1e-6 (asserted below) in these
     # ill-conditioned systems, so the solution is good to about that much relative to its size.
     torch.testing.assert_close(meta_grad["weight"][0], expected, rtol=1e-5, atol=1e-10)
@@ -112,11 +120,9 @@ def unflatten(flat, like):
     return {k: part.reshape(v.shape) for (k, v), part in zip(like.items(), flat.split(sizes))}
 
 
-def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negative_curvature():
-    """Away from the inner minimum (one GD step, a small λ) I + H/λ is indefinite. CG stopped at
-    the first direction with pᵀAp ≤ 0 returns the solution of A x = b restricted to the largest
-    Krylov space span{b, Ab, …} on which A is still positive definite: computed here densely from
-    the full Hessian and an orthonormal Krylov basis."""
+def one_gd_step_from_theta():
+    """One task one GD step from θ with a small λ, far from the inner minimum: the model, θ, the
+    task, the inner solver, λ, and at φ the query gradient and the support loss's dense Hessian."""
     g = torch.Generator().manual_seed(3)
     model = TaskModel(smooth_classifier(), "classification")
     theta = model.parameters()
@@ -127,6 +133,15 @@ def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negati
     b = flatten(torch.func.grad(model.loss)(phi, tasks.query_x[0], tasks.query_y[0]))
     hessian = torch.func.hessian(lambda flat: model.loss(unflatten(flat, phi), tasks.support_x[0],
                                                          tasks.support_y[0]))(flatten(phi))
+    return model, theta, tasks, inner, lam, b, hessian
+
+
+def test_truncated_cg_is_the_galerkin_solution_on_the_krylov_space_before_negative_curvature():
+    """Away from the inner minimum (one GD step, a small λ) I + H/λ is indefinite. CG stopped at
+    the first direction with pᵀAp ≤ 0 returns the solution of A x = b restricted to the largest
+    Krylov space span{b, Ab, …} on which A is still positive definite: computed here densely from
+    the full Hessian and an orthonormal Krylov basis."""
+    model, theta, tasks, inner, lam, b, hessian = one_gd_step_from_theta()
     matrix = torch.eye(len(b), dtype=b.dtype) + hessian / lam
     assert torch.linalg.eigvalsh(matrix)[0] < 0
 
@@ -164,26 +179,11 @@ def test_trust_radius_bounds_the_meta_gradient_only_where_the_inner_problem_is_n
     learner = MetaLearner(model, "imaml", NewtonCG(steps=2, cg_steps=dim + 2), lam=lam, cg_steps=dim,
                           cg_damping=damping, cg_trust_radius=True)
     meta_grad, metrics = learner.meta_gradient(theta, tasks)
-    expected = torch.zeros(dim, dtype=torch.float64)
-    for xs, ys, xq, yq in zip(*tasks):
-        a = 2.0 / len(xs) * xs.T @ xs
-        phi = torch.linalg.solve(a + lam * torch.eye(dim, dtype=torch.float64), 2.0 / len(xs) * xs.T @ ys[:, 0]
-                                 + lam * theta["weight"][0])
-        test_grad = 2.0 / len(xq) * xq.T @ (xq @ phi - yq[:, 0])
-        expected += torch.linalg.solve((1 + damping) * torch.eye(dim, dtype=torch.float64) + a / lam, test_grad) / 2
+    expected = linear_regression_meta_gradient(tasks, theta, lam, damping)
     torch.testing.assert_close(meta_grad["weight"][0], expected, rtol=1e-6, atol=1e-10)
     assert metrics["cg_radius_stop"].tolist() == [0.0, 0.0]
 
-    g = torch.Generator().manual_seed(3)
-    model = TaskModel(smooth_classifier(), "classification")
-    theta = model.parameters()
-    tasks = TaskBatch(*(t[:1] for t in classification_tasks(1, 6, 3, 3, g)))
-    inner, lam = GradientDescent(steps=1, lr=0.5), 0.1
-    phi, _ = MetaLearner(model, "imaml", inner, lam=lam).adapt(theta, tasks)
-    phi = {k: v[0] for k, v in phi.items()}
-    b = flatten(torch.func.grad(model.loss)(phi, tasks.query_x[0], tasks.query_y[0]))
-    hessian = torch.func.hessian(lambda flat: model.loss(unflatten(flat, phi), tasks.support_x[0],
-                                                         tasks.support_y[0]))(flatten(phi))
+    model, theta, tasks, inner, lam, b, hessian = one_gd_step_from_theta()
     # δ puts the damped matrix's smallest eigenvalue at 1e-3: positive definite, far below δ.
     damping = 1e-3 - 1 - torch.linalg.eigvalsh(hessian / lam)[0].item()
     matrix = (1 + damping) * torch.eye(len(b), dtype=b.dtype) + hessian / lam

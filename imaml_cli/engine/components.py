@@ -104,7 +104,7 @@ def build_learner(config: dict, network: torch.nn.Module, device: torch.device) 
                        cg_steps=config["cg"]["steps"],
                        cg_damping=config["cg"]["damping"],
                        cg_stop_at_negative_curvature=config["cg"]["stop_at_negative_curvature"],
-                       cg_trust_radius=config["cg"]["trust_radius"] and config["algorithm"]["name"] == "imaml",
+                       cg_trust_radius=config["cg"]["trust_radius"],
                        cg_solver=config["cg"]["solver"], cg_curvature=config["cg"]["curvature"],
                        neumann_step_size=config["cg"]["step_size"], hvp_mode=hvp,
                        # The hand-written passes are for the built-in conv nets; a custom network (even a

@@ -109,7 +109,8 @@ class MetaLearner:
             raise ValueError(f"iMAML needs lam > 0, got {self.lam}")
         if self.cg_solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.cg_solver!r}; expected one of {SOLVERS}")
-        if self.cg_trust_radius and not (self.cg_damping > 0 and self.cg_solver == "cg"):
+        trust_radius_posed = self.cg_damping > 0 and self.cg_solver == "cg"
+        if self.algorithm == "imaml" and self.cg_trust_radius and not trust_radius_posed:
             raise ValueError("the CG trust radius ‖∇L_test‖/δ needs cg_damping δ > 0 and cg_solver 'cg'")
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {self.hvp_mode!r}; expected one of {HVP_MODES}")
@@ -345,15 +346,15 @@ class MetaLearner:
             return tree.add(v if self.cg_damping == 0 else tree.scale(v, 1.0 + self.cg_damping),
                             hessian(v), 1.0 / self.lam)
 
+        query_norm = tree.norm(query_grad, batch_dims)
         if self.cg_solver == "neumann":
             solved = neumann_series(matvec, query_grad, self.cg_steps, self.neumann_step_size, batch_dims)
         else:
-            radius = tree.norm(query_grad, batch_dims) / self.cg_damping if self.cg_trust_radius else None
+            radius = query_norm / self.cg_damping if self.cg_trust_radius else None
             solved = conjugate_gradient(matvec, query_grad, self.cg_steps, self.cg_stop_at_negative_curvature,
                                         radius, batch_dims)
         meta_grad = solved.solution
-        extra = {"cg_residual": tree.safe_divide(solved.residual_norm, tree.norm(query_grad, batch_dims)),
-                 "cg_steps": solved.steps_taken}
+        extra = {"cg_residual": tree.safe_divide(solved.residual_norm, query_norm), "cg_steps": solved.steps_taken}
         dtype = solved.residual_norm.dtype
         if self.cg_solver == "cg" and self.cg_stop_at_negative_curvature:
             # The matrix is not the positive definite one the theory assumes at a minimiser.
