@@ -102,14 +102,14 @@ def test_a_run_that_has_not_finished_is_refused_in_one_line(tmp_path):
 
 def test_the_table_shows_a_measured_row_and_names_the_missing_ones():
     row = {"dataset": "omniglot", "ways": 5, "shots": 1, "algorithm": "imaml", "inner_solver": "hf",
-           "meta_steps": 1000, "meta_batch_size": 32, "queries": 1, "episodes": 600, "test_accuracy": 97.12,
+           "meta_steps": 1000, "checkpoint_step": 700, "meta_batch_size": 32, "queries": 1, "episodes": 600, "test_accuracy": 97.12,
            "ci95": 0.5, "checkpoint": "pretrained/x.pt", "hardware": "a CPU", "wall_clock_s": 5400,
            "test_time": [{"overrides": "inner_solver.tol=0.05", "test_accuracy": 97.3, "ci95": 0.45}]}
     lines = results_table.render([row]).splitlines()
     assert len(lines) == 2 + 4 * 5  # header, rule, every setting x algorithm of the paper's Table 2
     hf = next(line for line in lines if line.startswith("| 5-way 1-shot | iMAML-HF |"))
     assert "**97.12** ± 0.50; with `inner_solver.tol=0.05`: 97.30 ± 0.45 |" in hf and "1,000 meta-steps × 32 tasks (5% of the paper's), 1 h 30 min on a CPU" in hf
-    assert "| 99.50 ± 0.26 |" in hf and "[x.pt](pretrained/x.pt)" in hf
+    assert "| 99.50 ± 0.26 |" in hf and "| [x.pt](pretrained/x.pt), meta-step 700 |" in hf
     gd = next(line for line in lines if line.startswith("| 5-way 1-shot | iMAML-GD |"))
     assert "not measured" in gd and "omniglot_paper_runs.sh 5w1s_imaml_gd" in gd
     twenty = next(line for line in lines if line.startswith("| 20-way 5-shot | Reptile |"))
