@@ -147,6 +147,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.split": _choice("train", "val", "test"),
     "eval.seed": _int(0),
     "eval.batch_size": _int(1),
+    "eval.inner_steps": _optional_int(1),
     "perf.vectorize": _bool(),
     "perf.fused": _bool(),
     "perf.hvp": _choice("forward_over_reverse", "reverse_over_reverse"),

@@ -79,6 +79,16 @@ def set_to_zero(network: torch.nn.Module, names: tuple[str, ...]) -> bool:
     return changed
 
 
+def evaluation_config(config: dict) -> dict:
+    """``config`` as validation and test run it: ``eval.inner_steps``, where set, in place of
+    ``inner_solver.steps`` (a run may adapt with more steps than it meta-trains with)."""
+    steps = config["eval"].get("inner_steps")
+    if steps is None:
+        return config
+    return {**config, "inner_solver": {**config["inner_solver"], "steps": steps},
+            "eval": {**config["eval"], "inner_steps": None}}
+
+
 def build_learner(config: dict, network: torch.nn.Module, device: torch.device) -> MetaLearner:
     inner_cfg = config["inner_solver"]
     perf = config["perf"]

@@ -86,7 +86,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str], run_dir: Path, co
     try:
         network = components.build_network(config, world.device)
         load_params(network, state, path)
-        learner = components.build_learner(config, network, world.device)
+        learner = components.build_learner(components.evaluation_config(config), network, world.device)
         ecfg = config["eval"]
         if world.is_main:
             print(f"run folder: {run_dir}", flush=True)

@@ -21,9 +21,11 @@ from imaml_cli.engine import components
 from imaml_cli.engine.checkpoint import load_checkpoint, load_params, save_checkpoint
 from imaml_cli.engine.distributed import Distributed
 from imaml_cli.engine.evaluation import EvalResult, evaluate
+from imaml_cli.engine.evaluation_run import NO_EFFECT_ON_EVALUATION
 from imaml_cli.engine.logging import TensorBoard, flat_hparams, mean_metrics, report, write_json
 from imaml_cli.engine.schedule import outer_learning_rate
 from imaml_cli.errors import UserError
+from imaml_cli.meta.algorithms import MetaLearner
 
 log = logging.getLogger("imaml")
 
@@ -31,8 +33,12 @@ log = logging.getLogger("imaml")
 # inner_solver.steps, which is compared itself.
 RESUMABLE_CHANGES = ("train.meta_steps", "train.progress", "train.resume", "device", "dataset.root",
                      "dataset.cache_dir", "dataset.download", "eval.episodes", "eval.split", "eval.batch_size",
-                     "inner_steps.gd", "inner_steps.hf", "perf.task_groups", "train.curvature_tasks",
-                     "train.power_iterations")
+                     "eval.inner_steps", "inner_steps.gd", "inner_steps.hf", "perf.task_groups",
+                     "train.curvature_tasks", "train.power_iterations")
+# Keys that leave a validation score as it was: where a resumed run differs from the settings its
+# best checkpoint was scored under in any other key, that checkpoint is validated again.
+NO_EFFECT_ON_VALIDATION = (*NO_EFFECT_ON_EVALUATION, "inner_steps.", "dataset.root", "dataset.cache_dir",
+                           "dataset.download", "device", "perf.", "eval.episodes", "eval.split", "eval.batch_size")
 # Per-task metrics whose largest value over the meta-batch is logged beside the mean.
 PEAK_METRICS = ("inner_grad_norm",)
 # The measurements of iMAML's assumptions that results.json reports, averaged over the last
@@ -199,6 +205,9 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
 
     network = components.build_network(config, device)
     learner = components.build_learner(config, network, device)
+    scoring = components.evaluation_config(config)
+    # Validation and test adapt with eval.inner_steps where set; meta-training with inner_solver.steps.
+    eval_learner = learner if scoring is config else components.build_learner(scoring, network, device)
     held_at_zero = components.held_at_zero(config, network)
     params = dict(network.named_parameters())
     optimizer = components.build_optimizer(config, params.values())
@@ -257,7 +266,13 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
         best, best_step = _forget_best(best_path, world, f"algorithm.zero_head set the output layer of {source} "
                                                          f"(meta-step {step}) to zero")
     elif continues_another and best_step is not None:
-        best, best_step = _carry_best(source, step, best, best_step, best_path, checkpoint, config_yaml, world)
+        best, best_step, scored_under = _carry_best(source, resumed, best, best_step, best_path, checkpoint,
+                                                    config_yaml, world)
+        best = _rescore_best(scored_under, config, best, best_step, best_path, eval_learner, val_source,
+                             device, world)
+    elif best_step is not None and best_path.exists():
+        best = _rescore_best(load_checkpoint(best_path)["config"], config, best, best_step, best_path,
+                             eval_learner, val_source, device, world)
     if world.is_main:
         print(f"run folder: {run_dir}", flush=True)
     progress = _progress_bar(tcfg, step, enabled=world.is_main)
@@ -311,7 +326,7 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
                                     f"(at meta-step {step}); the last good state is in {last_path}; "
                                     "lower outer_optimizer.lr or inner_solver.lr")
                 if val_source is not None and step % tcfg["val_every"] == 0:
-                    result = evaluate(learner, params, val_source, episodes=tcfg["val_episodes"],
+                    result = evaluate(eval_learner, params, val_source, episodes=tcfg["val_episodes"],
                                       seed=config["eval"]["seed"], batch_size=config["eval"]["batch_size"],
                                       split="val", shard=(world.rank, world.world), gather=world.gather_lists)
                     improved = best is None or (result.mean > best if higher_is_better else result.mean < best)
@@ -344,21 +359,22 @@ def _train(config: dict, run_dir: Path, world: Distributed) -> float:
     assumptions = {k: sum(r[k] for r in recent) / len(recent) for k in ASSUMPTIONS if recent and k in recent[-1]}
     if curvature is not None:
         assumptions["top_hessian_eigenvalue"] = curvature
-    return _finish(config, learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
+    return _finish(config, eval_learner, network, params, best, best_step, step, elapsed, skipped, world, tb,
                    best_path, results_path, device, assumptions)
 
 
-def _carry_best(source: Path, step: int, best, best_step: int, best_path: Path, checkpoint, config: str,
+def _carry_best(source: Path, resumed: dict, best, best_step: int, best_path: Path, checkpoint, config: str,
                 world: Distributed):
     """A run continued in a new folder from another's checkpoint keeps that run's best validation
     only together with its checkpoint, so that the test at the end uses the state the score belongs
     to: the resumed state itself when it is the best, else the best.pt beside it (under this run's
     config, as the other path writes it). Without either, the best is counted afresh from this
     folder's validations, and a best.pt of an earlier attempt of this run (killed before its first
-    last.pt) is removed. Every rank sees the same files (``Distributed.shared_folder``)."""
-    if best_step == step:
+    last.pt) is removed. Every rank sees the same files (``Distributed.shared_folder``). Returns the
+    best score, its step and the config it was scored under."""
+    if best_step == resumed["step"]:
         checkpoint(best_path)
-        return best, best_step
+        return best, best_step, resumed["config"]
     beside = source.parent / "best.pt"
     try:
         kept = load_checkpoint(beside) if beside.exists() else None
@@ -368,9 +384,37 @@ def _carry_best(source: Path, step: int, best, best_step: int, best_path: Path, 
         if world.is_main:
             save_checkpoint({**kept, "config": config}, best_path)
         world.barrier()
-        return best, best_step
-    return _forget_best(best_path, world, f"the best validation of the run resumed from (meta-step {best_step}) "
-                                          f"has no readable checkpoint beside {source}")
+        return best, best_step, kept["config"]
+    return *_forget_best(best_path, world, f"the best validation of the run resumed from (meta-step {best_step}) "
+                                           f"has no readable checkpoint beside {source}"), None
+
+
+def _rescore_best(scored_under: str | None, config: dict, best, best_step, best_path: Path, learner: MetaLearner,
+                  val_source, device: torch.device, world: Distributed):
+    """The best score to beat from here: as carried, or, where this run validates otherwise than the
+    settings the best checkpoint was scored under (more inner steps at evaluation, say), that
+    checkpoint validated again as this run validates, so that later validations compare like with
+    like. best.pt then holds this run's config, as every checkpoint the run writes."""
+    if scored_under is None or best_step is None or val_source is None:
+        return best
+    before = components.evaluation_config(OmegaConf.to_container(OmegaConf.create(scored_under)))
+    changed = [key for key in _differing_keys(before, components.evaluation_config(config))
+               if key == "train.val_episodes" or not key.startswith(NO_EFFECT_ON_VALIDATION)]
+    if not changed:
+        return best
+    state = load_checkpoint(best_path)
+    theta = {name: value.to(device) for name, value in state["params"].items()}
+    tcfg, ecfg = config["train"], config["eval"]
+    result = evaluate(learner, theta, val_source, episodes=tcfg["val_episodes"], seed=ecfg["seed"],
+                      batch_size=ecfg["batch_size"], split="val", shard=(world.rank, world.world),
+                      gather=world.gather_lists)
+    if world.is_main:
+        save_checkpoint({**state, "config": OmegaConf.to_yaml(OmegaConf.create(config)), "best_score": result.mean},
+                        best_path)
+        log.info("the best checkpoint (meta-step %d) scored %s under other settings (%s); validated again as this "
+                 "run validates: %s", best_step, best, ", ".join(changed[:4]), result.line())
+    world.barrier()
+    return result.mean
 
 
 def _forget_best(best_path: Path, world: Distributed, why: str):
