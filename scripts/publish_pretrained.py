@@ -3,6 +3,7 @@ pretrained/NAME.pt (parameters and config only) and the row in pretrained/result
 test accuracy measured by ``imaml-eval`` on that very file, so anyone gets the same number again.
 
     python scripts/publish_pretrained.py ~/imaml-runs/5w1s_imaml_gd --name omniglot_5w1s_imaml_gd
+    python scripts/publish_pretrained.py RUN --name NAME --test-time "eval.inner_steps=32"   # and beside it
     python scripts/results_table.py        # then rewrite the README's table from results.json
 
 Run it from the repository root, on the machine that trained the run (``hardware`` describes it;
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -51,10 +53,10 @@ def training_command(run_dir: Path) -> str:
     return " ".join(["imaml-train", *(o for o in OmegaConf.load(overrides) if not o.startswith("hydra.run.dir="))])
 
 
-def evaluate(checkpoint: Path) -> dict:
-    """``imaml-eval`` on the published file, as a user would run it; its eval.json."""
+def evaluate(checkpoint: Path, overrides: str = "") -> dict:
+    """``imaml-eval`` on the published file, as a user would run it (with ``overrides``); its eval.json."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "imaml_cli.evaluate", f"checkpoint={checkpoint}",
+        command = [sys.executable, "-m", "imaml_cli.evaluate", f"checkpoint={checkpoint}", *shlex.split(overrides),
                    f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
@@ -68,6 +70,9 @@ def main(argv=None) -> None:
     parser.add_argument("--name", required=True, help="file name in pretrained/, without .pt")
     parser.add_argument("--command", help="the training command, where the run has no .hydra/overrides.yaml")
     parser.add_argument("--hardware", help="the machine that trained it (default: this one)")
+    parser.add_argument("--test-time", action="append", default=[], metavar="OVERRIDES",
+                        help="also test the published file with these imaml-eval overrides (e.g. "
+                             "'eval.inner_steps=32'); the table shows it beside the row's number; repeatable")
     parser.add_argument("--out", type=Path, default=REPO / "pretrained")
     args = parser.parse_args(argv)
 
@@ -110,6 +115,12 @@ def main(argv=None) -> None:
         "checkpoint": str(relative), "command": args.command or training_command(args.run),
         "hardware": args.hardware or describe_hardware(), "wall_clock_s": round(finished["wall_clock_s"]),
     }
+    if args.test_time:
+        row["test_time"] = []
+        for overrides in args.test_time:
+            other = evaluate(relative, overrides)
+            row["test_time"].append({"overrides": overrides, "test_accuracy": round(other["mean"], 2),
+                                     "ci95": round(other["ci95"], 2), "episodes": other["episodes"]})
     if curve:
         # Strict JSON has no NaN: seconds the run did not log are null.
         row["validation"] = {**curve, "values": [round(v, 4) for v in curve["values"]],

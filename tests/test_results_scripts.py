@@ -40,7 +40,8 @@ def published(tmp_path_factory):
                    f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
     assert done.returncode == 0, done.stderr
     out = tmp / "pretrained"
-    done = script("publish_pretrained.py", tmp / "run", "--name", "tiny", "--out", out)
+    done = script("publish_pretrained.py", tmp / "run", "--name", "tiny", "--out", out,
+                  "--test-time", "eval.inner_steps=1 eval.episodes=3")
     assert done.returncode == 0, done.stderr
     rows = json.loads((out / "results.json").read_text())
     return tmp, out, rows
@@ -77,6 +78,18 @@ def test_imaml_eval_of_the_published_file_prints_the_rows_accuracy(published):
     assert done.returncode == 0, done.stderr
     printed = float(re.search(r"test accuracy ([0-9.]+)%", done.stdout).group(1))
     assert printed == rows[0]["test_accuracy"]
+
+
+def test_a_test_time_setting_is_the_published_file_evaluated_with_those_overrides(published):
+    tmp, out, rows = published
+    (other,) = rows[0]["test_time"]
+    done = run_cli("imaml-eval", f"checkpoint={out / 'tiny.pt'}", "eval.inner_steps=1", "eval.episodes=3",
+                   f"hydra.run.dir={tmp / 'eval_other'}", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    printed = re.search(r"test accuracy ([0-9.]+)% ± ([0-9.]+) \(95% CI, (\d+) episodes", done.stdout)
+    assert (other["overrides"], other["episodes"]) == ("eval.inner_steps=1 eval.episodes=3", 3)
+    assert (other["test_accuracy"], other["ci95"]) == (float(printed.group(1)), float(printed.group(2)))
+    assert int(printed.group(3)) == 3
 
 
 def test_fine_tuning_from_a_published_file_starts_at_step_zero_with_its_parameters(published):
