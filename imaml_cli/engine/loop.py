@@ -395,7 +395,7 @@ def _rescore_best(scored_under: str | None, config: dict, best, best_step, best_
     settings the best checkpoint was scored under (more inner steps at evaluation, say), that
     checkpoint validated again as this run validates, so that later validations compare like with
     like. best.pt then holds this run's config, as every checkpoint the run writes."""
-    if scored_under is None or best_step is None or val_source is None:
+    if scored_under is None or val_source is None:
         return best
     before = components.evaluation_config(OmegaConf.to_container(OmegaConf.create(scored_under)))
     changed = [key for key in _differing_keys(before, components.evaluation_config(config))
