@@ -121,7 +121,7 @@ def test_the_table_shows_a_measured_row_and_names_the_missing_ones():
     lines = results_table.render([row]).splitlines()
     assert len(lines) == 2 + 4 * 5  # header, rule, every setting x algorithm of the paper's Table 2
     hf = next(line for line in lines if line.startswith("| 5-way 1-shot | iMAML-HF |"))
-    assert "**97.12** ± 0.50; with `inner_solver.tol=0.05`: 97.30 ± 0.45 |" in hf and "1,000 meta-steps × 32 tasks (5% of the paper's), 1 h 30 min on a CPU" in hf
+    assert "**97.12** ± 0.50; with `inner_solver.tol=0.05`: 97.30 ± 0.45 |" in hf and "1,000 meta-steps × 32 tasks (5% of the paper's), 1 h 30 min of meta-training on a CPU" in hf
     assert "| 99.50 ± 0.26 |" in hf and "| [x.pt](pretrained/x.pt), meta-step 700 |" in hf
     gd = next(line for line in lines if line.startswith("| 5-way 1-shot | iMAML-GD |"))
     assert "not measured" in gd and "omniglot_paper_runs.sh 5w1s_imaml_gd" in gd
